@@ -196,7 +196,7 @@ class GPT(nn.Module):
 
         With a `kv_cache`, `idx` holds the tokens that follow the `kv_cache.pos` cached ones.
         """
-        B, T = idx.size()
+        T = idx.size(1)
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
@@ -213,7 +213,7 @@ class GPT(nn.Module):
 
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         # inference-time mini-optimization: only forward the lm_head on the very last position
         logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim

@@ -1,0 +1,181 @@
+"""Hugging Face GPT-2 interop: load HF GPT-2 checkpoints into `GPT` and export `GPT` as an HF directory.
+
+Reads and writes the files themselves (config.json + safetensors, or a weights-only pytorch_model.bin), so
+neither direction needs `transformers`; the hub is reached through `huggingface_hub` only for a model name.
+HF's GPT-2 stores its matmul weights as Conv1D, (in, out): the transpose of `nn.Linear`'s (out, in).
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptforge.atomic import atomic_path, atomic_write_text
+from gptforge.checkpoint import clean_state_dict
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT, GPTConfig
+
+# Model names and their repositories on the Hugging Face hub.
+PRETRAINED = {
+    "gpt2": "openai-community/gpt2",  # 124M params
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
+}
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# HF activation names and the nn.GELU approximation each one is.
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+LAYER_NORM_EPS = 1e-5
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+
+
+def resolve_pretrained(name_or_dir: str | Path) -> Path:
+    """The local directory of a GPT-2 checkpoint: `name_or_dir` itself, or a hub download of a known name."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    name = str(name_or_dir)
+    if name not in PRETRAINED:
+        raise GptforgeError(
+            f"{name!r} is neither a local directory nor a known model; use a directory holding an HF GPT-2 "
+            f"checkpoint (config.json + model.safetensors) or one of: {', '.join(PRETRAINED)}"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    try:
+        return Path(snapshot_download(PRETRAINED[name], allow_patterns=patterns))
+    except Exception as e:  # offline, DNS failure, no cache: huggingface_hub raises many kinds
+        raise GptforgeError(
+            f"cannot fetch {name} from the Hugging Face hub ({type(e).__name__}); without network, download "
+            f"{PRETRAINED[name]} elsewhere (config.json and model.safetensors) and pass its directory instead "
+            f"of {name!r}"
+        ) from None
+
+
+def read_hf_config(directory: Path) -> GPTConfig:
+    """The `GPTConfig` of an HF GPT-2 directory, refusing architectures that are not GPT-2's."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise GptforgeError(f"{directory} has no config.json: it is not a Hugging Face model directory")
+    hf = json.loads(config_path.read_text())
+    problems = []
+    if hf.get("model_type") != "gpt2":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        problems.append(f"activation_function {activation!r} is none of {', '.join(ACTIVATIONS)}")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
+        problems.append(f"n_inner {hf['n_inner']} is not 4 * n_embd")
+    if not math.isclose(hf.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS):
+        problems.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} is not {LAYER_NORM_EPS}")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("attention scaling differs from GPT-2's 1/sqrt(head_size)")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("the output head is not tied to the token embedding")
+    if problems:
+        raise GptforgeError(f"{directory} is not a GPT-2 checkpoint gptforge can load: {'; '.join(problems)}")
+    return GPTConfig(
+        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        n_embd=hf["n_embd"], bias=True, gelu_approximate=ACTIVATIONS[activation],  # type: ignore[arg-type]
+    )
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory: safetensors (one file or shards) or a weights-only .bin."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    if (directory / "model.safetensors").is_file():
+        return load_file(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").is_file():
+        # weights_only: a .bin is a pickle, and a pickle from the internet must never run code
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise GptforgeError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def load_hf_gpt2(name_or_dir: str | Path, override_args: dict[str, Any] | None = None) -> GPT:
+    """A `GPT` holding HF GPT-2 weights; only `dropout` may be overridden (the rest is the checkpoint's)."""
+    override_args = override_args or {}
+    if set(override_args) - {"dropout"}:
+        raise GptforgeError(
+            f"only dropout can be overridden for a pretrained model, not {sorted(set(override_args) - {'dropout'})}; "
+            "shrink the context with model.crop_block_size(n)"
+        )
+    directory = resolve_pretrained(name_or_dir)
+    config = read_hf_config(directory)
+    config.dropout = override_args.get("dropout", config.dropout)
+    model = GPT(config)
+
+    hf_weights = clean_state_dict(read_hf_weights(directory))
+    state_dict = {}
+    for key, value in hf_weights.items():
+        key = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        state_dict[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+    wte = state_dict["transformer.wte.weight"]
+    head = state_dict.setdefault("lm_head.weight", wte)
+    if not torch.equal(head, wte):
+        raise GptforgeError(f"{directory}: lm_head.weight differs from the token embedding; GPT-2 ties them")
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise GptforgeError(f"{directory}: weights do not match GPT-2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise GptforgeError(f"{directory}: {key} has shape {tuple(value.shape)}, config.json implies {tuple(expected[key].shape)}")
+    model.load_state_dict(state_dict)
+    return model
+
+
+def save_hf_gpt2(model: GPT, directory: str | Path) -> None:
+    """Write `config.json` and `model.safetensors` that `transformers.GPT2LMHeadModel` loads as this model.
+
+    `bias=False` models get zero biases (the same function); a padded vocabulary (e.g. 50304) stays as it is.
+    """
+    if not isinstance(model, GPT):
+        raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
+    cfg = model.config
+    directory = Path(directory)
+    state_dict = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key == "lm_head.weight":
+            continue  # tied: HF re-ties it to transformer.wte.weight on load
+        value = value.detach().to("cpu", torch.float32)
+        tensors[key] = (value.t() if key.endswith(CONV1D_WEIGHTS) else value).contiguous()
+        bias_key = key.removesuffix(".weight") + ".bias"
+        is_embedding = key in ("transformer.wte.weight", "transformer.wpe.weight")
+        if key.endswith(".weight") and not is_embedding and bias_key not in state_dict:
+            tensors[bias_key] = torch.zeros(value.shape[0])  # bias=False: a zero bias is the same function
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if cfg.vocab_size > EOT_TOKEN:
+        hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2) + "\n")
