@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 demo: install
-	$(BIN)/gptforge demo
+	$(BIN)/python examples/quickstart.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -47,6 +47,25 @@ def floor_seconds(model: GPT) -> float:
         return best_time(one_pass, repeats=5)
 
 
+def layout_bandwidth(shape: tuple[int, int], transposed: bool, total_bytes: int = 400_000_000) -> float:
+    """GB/s of matrix-vector products with fp32 (out, in) matrices stored as nn.Linear does or transposed.
+
+    Enough copies to exceed any cache, so the matrices stream from memory as in a real decode step.
+    """
+    copies = max(2, total_bytes // (shape[0] * shape[1] * 4))
+    weights = [torch.randn(shape) for _ in range(copies)]
+    if transposed:
+        weights = [w.t().contiguous().t() for w in weights]
+    x = torch.randn(1, 1, shape[1])
+
+    def one_pass() -> None:
+        for w in weights:
+            F.linear(x, w)
+
+    one_pass()
+    return copies * shape[0] * shape[1] * 4 / best_time(one_pass, repeats=3) / 1e9
+
+
 def generate_rate(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
     """Tokens/s of a whole greedy `generate` call, prompt processing included."""
     t0 = time.perf_counter()
@@ -114,6 +133,12 @@ def main() -> None:
         results[name] = 1 / s
         print(f"| {name:<42} | {1 / s:>8.1f} | " + " | ".join(f"{s * 1000:>11.1f}" for _ in CONTEXTS) + " |")
 
+    print("\n| matrix (out, in) | nn.Linear layout GB/s | transposed layout GB/s |")
+    print("|---|---|---|")
+    for name, shape in (("c_attn", (2304, 768)), ("attn.c_proj", (768, 768)), ("c_fc", (3072, 768)),
+                        ("mlp.c_proj", (768, 3072)), ("lm_head", (50304, 768))):
+        print(f"| {name} {shape} | {layout_bandwidth(shape, False):.1f} | {layout_bandwidth(shape, True):.1f} |")
+    print()
     recompute = results["use_cache=False (recompute, nanoGPT)"]
     best_floor = max(results["floor: weight streaming, nn.Linear layout"], results["floor: weight streaming, decoding layout"])
     for name in ("use_cache=True", "use_cache=True, optimize_for_decoding"):

@@ -163,3 +163,23 @@ def test_estimate_mfu_with_a_given_peak(tiny_model):
 def test_estimate_mfu_on_cpu_uses_a_measured_peak(tiny_model):
     mfu = tiny_model.estimate_mfu(fwdbwd_per_iter=1, dt=1.0)
     assert mfu is not None and 0 < mfu < 1
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 97, (2, 64))
+    logits, loss = compiled(idx, idx)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref_logits, ref_loss = model(idx, idx)
+    ref_loss.backward()
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+    # methods reach the plain module, so generation on a compiled model runs eagerly and equals it
+    compiled.eval()
+    assert torch.equal(compiled.generate(idx[:, :4], 8, temperature=0), model.generate(idx[:, :4], 8, temperature=0))
