@@ -124,7 +124,7 @@ def optimize_for_decoding(model: GPT) -> GPT:
 
     A decode step multiplies one vector by every weight matrix, so it is bound by how fast the weights stream
     from memory. PyTorch's fp32 CPU matrix-vector kernel streams a matrix stored (in, out) in memory, the
-    transpose of `nn.Linear`'s (out, in), up to 1.9x faster when out >= in (docs/benchmarks.md). Only the
+    transpose of `nn.Linear`'s (out, in), up to 2x faster when out >= in (docs/benchmarks.md). Only the
     strides change: `state_dict`, checkpoints and exports are unaffected. For inference: training keeps the
     standard layout. Call it after any `.to(dtype)`; other dtypes and devices are left as they are (fp16's
     kernel, for one, is much slower in this layout).
