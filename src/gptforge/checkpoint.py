@@ -1,15 +1,23 @@
 """Checkpoint files: plain tensors and builtins, written atomically, read without unpickling any code.
 
 A checkpoint is nanoGPT's layout, `torch.save` of a dict with `model_args` (the `GPTConfig` fields) and
-`model` (the state dict), plus whatever else the writer adds. It is read with `torch.load(weights_only=True)`,
-which accepts tensors, dicts, lists, numbers and strings and refuses anything that would run code.
+`model` (the state dict), plus whatever else the writer adds (training adds the optimizer, the config, the
+data position and every RNG state). It is read with `torch.load(weights_only=True)`, which accepts tensors,
+dicts, lists, numbers and strings and refuses anything that would run code.
+
+A run directory holds `ckpt.pt`, the latest checkpoint (the name nanoGPT uses), and `best.pt`, the one with
+the lowest val loss. Each is replaced by an atomic rename, so a crash at any moment leaves both loadable.
 """
 
+import os
 import pickle
+import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -17,7 +25,8 @@ from gptforge.atomic import atomic_path
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
 
-CHECKPOINT_NAME = "ckpt.pt"
+CHECKPOINT_NAME = "ckpt.pt"  # the latest
+BEST_NAME = "best.pt"
 # Prefixes that wrappers add to state-dict keys: torch.compile and DistributedDataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Causal-mask buffers that nanoGPT (without flash attention) and old HF GPT-2 checkpoints carry.
@@ -54,13 +63,83 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file, or the `ckpt.pt` in a run directory, refusing anything that needs unpickling."""
+def checkpoint_file(path: str | Path, which: Literal["latest", "best"] = "latest") -> Path:
+    """The checkpoint file that `path` names: itself, or a run directory's latest or best one.
+
+    A run directory without `best.pt` (nanoGPT's, or one stopped before its first eval) gives its latest.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        best = path / BEST_NAME
+        path = best if which == "best" and best.is_file() else path / CHECKPOINT_NAME
     if not path.is_file():
         raise GptforgeError(f"no checkpoint at {path}: pass a checkpoint file or a run directory with {CHECKPOINT_NAME}")
+    return path
+
+
+def save_checkpoint(out_dir: str | Path, payload: dict[str, Any], best: bool, keep_last: int = 0) -> None:
+    """Write `payload` as the run's latest checkpoint (and, if `best`, as its best) atomically.
+
+    With `keep_last`, each save is also kept as `ckpt-ITER.pt` (a hard link: no extra disk), pruned to the
+    newest `keep_last + 1`: the latest and `keep_last` older ones.
+    """
+    out_dir = Path(out_dir)
+    latest = out_dir / CHECKPOINT_NAME
+    with atomic_path(latest) as tmp:
+        torch.save(payload, tmp)
+    if best:
+        _link_atomically(latest, out_dir / BEST_NAME)
+    if keep_last:
+        _link_atomically(latest, out_dir / f"ckpt-{payload['iter_num']:08d}.pt")
+        for old in sorted(out_dir.glob("ckpt-*.pt"))[: -(keep_last + 1)]:
+            old.unlink()
+
+
+def _link_atomically(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` (a hard link, or a copy where links are not supported)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state training draws from, as weights_only-loadable values."""
+    numpy_state = np.random.get_bit_generator().state
+    numpy_state["state"] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in numpy_state["state"].items()}
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(_tuples(state["python"]))
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {k: np.asarray(v, dtype=np.uint32) if isinstance(v, list) else v
+                            for k, v in numpy_state["state"].items()}
+    np.random.get_bit_generator().state = numpy_state
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate wants the tuples it gave; a checkpoint may hand back lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", which: Literal["latest", "best"] = "latest"
+) -> dict[str, Any]:
+    """Read a checkpoint file, or a run directory's latest or best, refusing anything that needs unpickling."""
+    path = checkpoint_file(path, which)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -76,13 +155,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_model(path: str | Path, override_args: dict[str, Any] | None = None) -> GPT:
-    """A `GPT` from a gptforge or nanoGPT checkpoint, on the CPU.
+def load_model(
+    path: str | Path, override_args: dict[str, Any] | None = None, which: Literal["latest", "best"] = "best"
+) -> GPT:
+    """A `GPT` from a gptforge or nanoGPT checkpoint (a run directory gives its best), on the CPU.
 
     nanoGPT checkpoints carry no `gelu_approximate`: nanoGPT always trained with the exact erf GELU, so a
     missing field means "none". `override_args` replaces config fields (e.g. `{"dropout": 0.0}`).
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, which=which)
     model_args = {"gelu_approximate": "none", **ckpt["model_args"], **(override_args or {})}
     model = GPT(GPTConfig.from_dict(model_args))
     state_dict = clean_state_dict(ckpt["model"])

@@ -1,4 +1,5 @@
-"""Configuration from the command line: nanoGPT-style `--key=value` options applied to dataclasses.
+"""Configuration: `TrainConfig`, config files (TOML, or nanoGPT's Python files read as data) and
+nanoGPT-style `--key=value` options applied to dataclasses.
 
 Values are parsed with `ast.literal_eval` (never executed) and coerced to the field's declared type, so
 `--max_iters=1e4` gives the int 10000 and `--top_k=None` works for optional fields.
@@ -7,9 +8,15 @@ Values are parsed with `ast.literal_eval` (never executed) and coerced to the fi
 import ast
 import dataclasses
 import difflib
+import operator
+import tomllib
 import types
 import typing
+import warnings
+from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
 
 from gptforge.errors import GptforgeError
 
@@ -96,17 +103,182 @@ def closest_key(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean --{match[0]}?)" if match else ""
 
 
-def apply_overrides(obj: T, overrides: dict[str, Any], what: str = "option") -> T:
-    """Return a copy of dataclass `obj` with `overrides` applied; raw strings are parsed as literals."""
+def apply_overrides(obj: T, overrides: dict[str, Any], source: str = "") -> T:
+    """Return a copy of dataclass `obj` with `overrides` applied; raw strings are parsed as literals.
+
+    `source` names where the overrides come from (a config file) for error messages; default the command line.
+    """
     hints = typing.get_type_hints(type(obj))
     fields = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
     changes = {}
     for key, value in overrides.items():
         if key not in fields:
-            raise GptforgeError(f"unknown {what} --{key}{closest_key(key, fields)}")
+            where = f" in {source}" if source else ""
+            raise GptforgeError(f"unknown option --{key}{where}{closest_key(key, fields)}")
         if isinstance(value, str):
             parsed = _parse_literal(value)
             # A str field keeps the raw text unless it was written as a quoted string literal.
             value = parsed if hints[key] is not str or isinstance(parsed, str) else value
         changes[key] = coerce(value, hints[key], key)
     return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every key of nanoGPT's train.py, same names and defaults, plus gptforge's own (marked)."""
+
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False  # if True, evaluate once and exit
+    always_save_checkpoint: bool = True  # also write the latest checkpoint when val loss did not improve
+    init_from: str = "scratch"  # 'scratch', 'resume', 'gpt2*' or a local HF GPT-2 directory
+    # wandb logging
+    wandb_log: bool = False
+    wandb_project: str = "owt"
+    wandb_run_name: str = "gpt2"
+    # data
+    dataset: str = "openwebtext"
+    data_dir: str = "data"  # gptforge: datasets live in data_dir/dataset
+    gradient_accumulation_steps: int = 5 * 8  # micro-steps per optimizer step, over all processes together
+    batch_size: int = 12  # micro-batch size: rows per micro-step per process
+    block_size: int = 1024
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+    bias: bool = False  # biases in LayerNorm and Linear layers
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip gradients at this norm; 0.0 disables
+    # learning rate decay
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000  # ~= max_iters per Chinchilla
+    min_lr: float = 6e-5  # ~= learning_rate / 10 per Chinchilla
+    # system
+    backend: str = "auto"  # 'nccl' on GPUs, 'gloo' on CPUs; auto picks by device
+    device: str = "auto"  # 'cpu', 'cuda', 'cuda:1', 'mps'; auto: cuda, else mps, else cpu
+    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
+    compile: bool = True  # torch.compile the model
+    # gptforge
+    seed: int = 1337
+    keep_last: int = 0  # older checkpoints kept besides the latest and the best
+    parallelism: typing.Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self) -> None:
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                    "block_size", "n_layer", "n_head", "n_embd")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
+            if getattr(self, name) < 0:
+                raise GptforgeError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise GptforgeError(f"--backend={self.backend!r} is not one of auto, nccl, gloo")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes what this machine has: cuda, else mps, else cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' follows the device: bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML config file's keys; tables are flattened (`[model] n_layer = 4` gives `n_layer`)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise GptforgeError(f"{path} is not valid TOML: {e}") from None
+    flat = {}
+    for key, value in data.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def read_nanogpt_config(path: Path) -> dict[str, Any]:
+    """The literal assignments of a nanoGPT `config/*.py` file, read with `ast`, never executed.
+
+    `x = 5 * 8` and other arithmetic on literals is evaluated; imports are skipped; any other assignment
+    (`wandb_run_name = 'ft-' + str(time.time())`) is skipped with a warning.
+    """
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as e:
+        raise GptforgeError(f"{path} is not valid Python: {e.msg} at line {e.lineno}") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom) or (
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)  # docstrings, comments as strings
+        ):
+            continue
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            warnings.warn(f"{path}:{node.lineno}: skipped a statement that is not a plain assignment", stacklevel=2)
+            continue
+        try:
+            values[node.targets[0].id] = _literal_arithmetic(node.value)
+        except ValueError:
+            warnings.warn(
+                f"{path}:{node.lineno}: skipped {node.targets[0].id} = {ast.unparse(node.value)} (not a literal)",
+                stacklevel=2,
+            )
+    return values
+
+
+_OPERATORS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod,
+}
+
+
+def _literal_arithmetic(node: ast.expr) -> Any:
+    """The value of a literal, or of +-*/ // ** % on literal numbers; ValueError for anything else."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _literal_arithmetic(node.left), _literal_arithmetic(node.right)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (left, right)):
+            raise ValueError("arithmetic on non-numbers")
+        return _OPERATORS[type(node.op)](left, right)
+    return ast.literal_eval(node)
+
+
+def load_train_config(files: list[str], overrides: dict[str, str]) -> TrainConfig:
+    """TrainConfig from defaults, then each config file in order (TOML or nanoGPT .py), then overrides."""
+    cfg = TrainConfig()
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise GptforgeError(f"config file {path} does not exist (shipped configs are in configs/)")
+        if path.suffix == ".toml":
+            values = read_toml(path)
+        elif path.suffix == ".py":
+            values = read_nanogpt_config(path)
+        else:
+            raise GptforgeError(f"config file {path} must be .toml or a nanoGPT .py config")
+        cfg = apply_overrides(cfg, values, source=str(path))
+    return apply_overrides(cfg, overrides)

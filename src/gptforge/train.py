@@ -1,0 +1,340 @@
+"""The training loop: from scratch, from GPT-2 or resumed, on one process or many (torchrun).
+
+This module wires the pieces (config, data, model, optimizer, distributed, checkpoint, metrics) and runs the
+loop; each piece lives in its own module. One step: set the LR, evaluate and checkpoint on schedule, then
+`gradient_accumulation_steps` micro-steps of forward/backward over the step's global batch, clip, update.
+
+Iteration `it` trains on global batch `it` (a pure function of seed and `it`, split over the processes) and a
+checkpoint taken at iteration N holds the state before step N, RNG states included, so a resumed run repeats
+exactly what an uninterrupted one would have done.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm import tqdm
+
+from gptforge import __version__
+from gptforge import distributed as distrib
+from gptforge.atomic import atomic_write_text
+from gptforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gptforge.config import TrainConfig, resolve_device, resolve_dtype
+from gptforge.data import Batches, Meta, TokenDataset
+from gptforge.errors import GptforgeError
+from gptforge.metrics import MetricsLog
+from gptforge.model import GPT, GPTConfig
+from gptforge.optim import cosine_lr
+
+# Config keys that fix the model's shape: a resumed run must not change them.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop has done so far; saved in every checkpoint."""
+
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # wall time of training steps, compile included, eval and checkpoints excluded
+
+
+def train(cfg: TrainConfig) -> Progress:
+    """Run training as `cfg` says; under torchrun, every process calls this."""
+    device = resolve_device(cfg.device)
+    d = distrib.setup(device, cfg.backend)
+    try:
+        cfg = dataclasses.replace(cfg, device=d.device, dtype=resolve_dtype(cfg.dtype, d.device))
+        return Trainer(cfg, d).run()
+    finally:
+        distrib.teardown()
+
+
+class Trainer:
+    """The state of one training run; `run()` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, d: distrib.Dist):
+        if cfg.gradient_accumulation_steps % d.world_size:
+            raise GptforgeError(
+                f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                f"{d.world_size} processes; use a multiple of {d.world_size}"
+            )
+        self.cfg, self.d = cfg, d
+        self.out_dir = Path(cfg.out_dir)
+        self.accum = cfg.gradient_accumulation_steps // d.world_size  # micro-steps per process
+        self.device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device.split(":")[0]
+        self.ptdtype = DTYPES[cfg.dtype]
+        self._seed_everything()
+        if self.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = (
+            torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+            if self.ptdtype != torch.float32 and self.device_type in ("cuda", "cpu")
+            else contextlib.nullcontext()
+        )
+
+        data_path = Path(cfg.data_dir) / cfg.dataset
+        self.meta = Meta.read(data_path)
+        self.train_data = TokenDataset(data_path, "train", self.meta)
+        self.val_data = TokenDataset(data_path, "val", self.meta)
+        global_rows = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.batches = Batches(self.train_data, cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
+                               world_size=d.world_size, device=cfg.device, prefetch=self.device_type == "cuda")
+        self.tokens_per_iter = global_rows * cfg.block_size
+
+        ckpt = load_checkpoint(self.out_dir, which="latest") if cfg.init_from == "resume" else None
+        self.raw = self._build_model(ckpt).to(cfg.device)
+        if self.meta.vocab_size > self.raw.config.vocab_size:
+            raise GptforgeError(
+                f"dataset {cfg.dataset} has {self.meta.vocab_size} tokens but the model only {self.raw.config.vocab_size}"
+            )
+        self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
+        self.optimizer = self.raw.configure_optimizers(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device_type
+        )
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
+        self.progress = Progress()
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.model: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+
+    # -- set-up --
+
+    def _seed_everything(self) -> None:
+        """Per-rank seeds, so dropout differs across processes while each run repeats exactly."""
+        seed = self.cfg.seed + self.d.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _build_model(self, ckpt: dict[str, Any] | None) -> GPT:
+        cfg = self.cfg
+        if ckpt is not None:
+            saved = ckpt["model_args"]
+            wanted = {k: getattr(cfg, k) for k in SHAPE_KEYS if k != "vocab_size"}
+            changed = {k: (saved[k], v) for k, v in wanted.items() if saved.get(k) != v}
+            if changed:
+                diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                raise GptforgeError(f"cannot resume {self.out_dir}: the config changes the model shape ({diffs})")
+            return GPT(GPTConfig.from_dict({**saved, "dropout": cfg.dropout}))
+        if cfg.init_from == "scratch":
+            # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they are
+            vocab_size = 50304 if self.meta.tokenizer.get("kind") == "gpt2" else self.meta.vocab_size
+            return GPT(GPTConfig(
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout,
+            ))
+        model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        elif cfg.block_size > model.config.block_size:
+            raise GptforgeError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s {model.config.block_size}")
+        # the run's config records the shape it really trains
+        self.cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
+        return model
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
+                       optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.batches.load_state_dict(ckpt["data"])
+        self.progress = Progress(**ckpt["progress"])
+        rng = ckpt["rng"]
+        if len(rng) == self.d.world_size:
+            set_rng_state(rng[self.d.rank])
+        elif self.d.is_main:
+            tqdm.write(f"resuming on {self.d.world_size} processes from {len(rng)}: RNG streams start afresh")
+
+    # -- the loop --
+
+    def run(self) -> Progress:
+        cfg, d, p = self.cfg, self.d, self.progress
+        if d.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            print(f"tokens per iteration: {self.tokens_per_iter:,} "
+                  f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps} accumulation steps)")
+            print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, {cfg.dtype}, "
+                  f"{d.world_size} process(es), {cfg.parallelism if d.enabled else 'single'}")
+        log = MetricsLog(self.out_dir, resume_iter=p.iter_num if cfg.init_from == "resume" else None) if d.is_main else None
+        wandb = self._wandb() if cfg.wandb_log and d.is_main else None
+        stop = {"requested": False}
+        previous_handlers = {sig: signal.signal(sig, lambda *_: stop.update(requested=True))
+                             for sig in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=cfg.max_iters, initial=p.iter_num, disable=None if d.is_main else True, desc="train",
+                   dynamic_ncols=True)
+        running_mfu = -1.0
+        resumed_at = p.iter_num if cfg.init_from == "resume" else None  # its eval is in the checkpoint already
+        try:
+            while True:
+                it = p.iter_num
+                lr = cosine_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
+                    if cfg.decay_lr else cfg.learning_rate
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                scheduled = it % cfg.eval_interval == 0 and it != resumed_at
+                if scheduled or it == cfg.max_iters or cfg.eval_only:
+                    self._eval_and_save(log, wandb, lr, running_mfu, final=it == cfg.max_iters)
+                    if cfg.eval_only or it == cfg.max_iters:
+                        break
+                if distrib.any_rank(stop["requested"], d):
+                    self._save(best=False)
+                    bar.write(f"stopped at iter {it}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+                    break
+
+                t0 = time.perf_counter()
+                loss = self._step()
+                if it % cfg.log_interval == 0:
+                    loss_value = distrib.all_reduce_mean(loss, d).item()  # also waits for the step to finish
+                t1 = time.perf_counter()
+                dt = t1 - t0
+                p.elapsed_s += dt
+                p.iter_num += 1
+                bar.update(1)
+                if it % cfg.log_interval == 0:
+                    if not math.isfinite(loss_value):
+                        raise GptforgeError(
+                            f"the training loss became {loss_value} at iter {it}; stopped without saving, the last "
+                            f"checkpoint in {cfg.out_dir} is intact (try a lower --learning_rate or --dtype=bfloat16)"
+                        )
+                    if it >= 5:  # let the first iterations (compilation) pass
+                        mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=self._compute_dtype())
+                        if mfu is not None:
+                            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+                    self._log_step(log, bar, it, loss_value, lr, dt, running_mfu)
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            bar.close()
+            if log is not None:
+                log.close()
+            if wandb is not None:
+                wandb.finish()
+            self.batches.close()
+        return p
+
+    def _step(self) -> torch.Tensor:
+        """One optimizer step over this process's share of the global batch; returns its mean loss."""
+        cfg = self.cfg
+        x_all, y_all = self.batches.get(self.progress.iter_num)
+        total = torch.zeros((), device=cfg.device)
+        for micro in range(self.accum):
+            rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+            distrib.set_grad_sync(self.wrapped, micro == self.accum - 1)
+            with self.autocast:
+                _, loss = self.model(x_all[rows], y_all[rows])
+                loss = loss / self.accum  # the gradient of the mean over all micro-steps
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if cfg.grad_clip != 0.0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def _estimate_loss(self) -> dict[str, float]:
+        """Mean loss over `eval_iters` batches per split, the same batches at every eval, over all processes."""
+        cfg, d = self.cfg, self.d
+        self.model.eval()
+        out = {}
+        for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed)):
+            batches = Batches(data, cfg.block_size, cfg.batch_size * d.world_size, seed=seed, rank=d.rank,
+                              world_size=d.world_size, device=cfg.device)
+            total = torch.zeros((), device=cfg.device)
+            for k in range(cfg.eval_iters):
+                x, y = batches.get(k)
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                total += loss.float()
+            out[split] = distrib.all_reduce_mean(total / cfg.eval_iters, d).item()
+        self.model.train()
+        return out
+
+    def _eval_and_save(self, log: MetricsLog | None, wandb: Any, lr: float, mfu: float, final: bool) -> None:
+        cfg, p = self.cfg, self.progress
+        losses = self._estimate_loss()
+        if self.d.is_main:
+            tqdm.write(f"step {p.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if log is not None:
+                log.write({"iter": p.iter_num, "elapsed_s": p.elapsed_s, "train_loss": losses["train"],
+                           "val_loss": losses["val"]})
+            if wandb is not None:
+                wandb.log({"iter": p.iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                           "mfu": mfu * 100})
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise GptforgeError(
+                f"the eval loss became non-finite at iter {p.iter_num}; stopped without saving, the last "
+                f"checkpoint in {cfg.out_dir} is intact (try a lower --learning_rate)"
+            )
+        if cfg.eval_only:
+            return
+        improved = losses["val"] < p.best_val_loss
+        if improved:
+            p.best_val_loss = losses["val"]
+        if p.iter_num > 0 and (improved or cfg.always_save_checkpoint or final):
+            self._save(best=improved)
+
+    def _save(self, best: bool) -> None:
+        """Checkpoint the state before step `iter_num` (all processes take part, rank 0 writes)."""
+        model_state, optim_state = get_state_dict(self.wrapped, self.optimizer, options=FULL_STATE)
+        rng = distrib.gather(rng_state(), self.d)
+        if self.d.is_main:
+            payload = {
+                "model_args": dataclasses.asdict(self.raw.config),
+                "model": model_state,
+                "optimizer": optim_state,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "config": dataclasses.asdict(self.cfg),
+                "progress": dataclasses.asdict(self.progress),
+                "iter_num": self.progress.iter_num,
+                "best_val_loss": self.progress.best_val_loss,
+                "data": self.batches.state_dict() | {"step": self.progress.iter_num},
+                "rng": rng,
+                "tokenizer": self.meta.tokenizer,
+                "gptforge_version": __version__,
+            }
+            save_checkpoint(self.out_dir, payload, best=best, keep_last=self.cfg.keep_last)
+        distrib.barrier(self.d)
+
+    # -- logging --
+
+    def _compute_dtype(self) -> torch.dtype:
+        return self.ptdtype if not isinstance(self.autocast, contextlib.nullcontext) else torch.float32
+
+    def _log_step(self, log: MetricsLog | None, bar: tqdm, it: int, loss: float, lr: float, dt: float,
+                  mfu: float) -> None:
+        if not self.d.is_main:
+            return
+        tokens_per_sec = self.tokens_per_iter / dt
+        mfu_text = f", mfu {mfu * 100:.2f}%" if mfu >= 0 else ""
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        tqdm.write(f"iter {it}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
+                   f"{tokens_per_sec:,.0f} tok/s{mfu_text}")
+        if log is not None:
+            log.write({"iter": it, "loss": loss, "lr": lr, "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec,
+                       "elapsed_s": self.progress.elapsed_s, "mfu": mfu if mfu >= 0 else None})
+
+    def _wandb(self) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            raise GptforgeError("--wandb_log=True needs wandb: pip install 'gptforge[wandb]'") from None
+        wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name, config=dataclasses.asdict(self.cfg))
+        return wandb
