@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from gptforge.config import apply_overrides, split_args
 from gptforge.errors import GptforgeError
 
 USAGE = """usage: gptforge COMMAND [ARGS] [--key=value ...]
@@ -16,7 +17,25 @@ Run `gptforge COMMAND --help` for a command's options."""
 
 def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
     """Subcommands: name -> (one-line help, entry point taking the remaining argv)."""
-    return {}
+    return {
+        "prepare": ("tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json", _prepare),
+    }
+
+
+def _prepare(argv: list[str]) -> None:
+    from gptforge.datasets import get_dataset, usage
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        names = [arg for arg in argv if not arg.startswith("-")]
+        print(usage(names[0] if names else None))
+        return
+    positional, overrides = split_args(argv)
+    if len(positional) != 1:
+        raise GptforgeError("name one dataset: gptforge prepare NAME [--key=value ...] (see gptforge prepare --help)")
+    dataset = get_dataset(positional[0])
+    meta = dataset.prepare(apply_overrides(dataset.options(), overrides))
+    counts = ", ".join(f"{split} {count:,}" for split, count in meta.tokens.items())
+    print(f"{meta.dataset}: {counts} tokens ({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
 
 
 def main(argv: list[str] | None = None) -> int:
