@@ -141,7 +141,8 @@ def load_checkpoint(
     """Read a checkpoint file, or a run directory's latest or best, refusing anything that needs unpickling."""
     path = checkpoint_file(path, which)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from the file as they are used, not all into memory first
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GptforgeError(

@@ -267,9 +267,10 @@ def _literal_arithmetic(node: ast.expr) -> Any:
     return ast.literal_eval(node)
 
 
-def load_train_config(files: list[str], overrides: dict[str, str]) -> TrainConfig:
-    """TrainConfig from defaults, then each config file in order (TOML or nanoGPT .py), then overrides."""
-    cfg = TrainConfig()
+def load_train_config(files: list[str], overrides: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """TrainConfig from `base` (default: the defaults), then each config file in order (TOML or nanoGPT .py),
+    then the overrides."""
+    cfg = base or TrainConfig()
     for name in files:
         path = Path(name)
         if not path.is_file():

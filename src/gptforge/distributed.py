@@ -88,13 +88,17 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
-    """The mean of `value` over all processes (itself for one process)."""
+def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The sum of `value` over all processes (itself for one process)."""
     if d.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        value /= d.world_size
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean of `value` over all processes (gloo has no AVG, so a sum divided)."""
+    return all_reduce_sum(value, d) / d.world_size
 
 
 def any_rank(flag: bool, d: Dist) -> bool:

@@ -29,7 +29,7 @@ from gptforge import __version__
 from gptforge import distributed as distrib
 from gptforge.atomic import atomic_write_text
 from gptforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gptforge.config import TrainConfig, resolve_device, resolve_dtype
+from gptforge.config import TrainConfig, load_train_config, resolve_device, resolve_dtype
 from gptforge.data import Batches, Meta, TokenDataset
 from gptforge.errors import GptforgeError
 from gptforge.metrics import MetricsLog
@@ -51,8 +51,20 @@ class Progress:
     elapsed_s: float = 0.0  # wall time of training steps, compile included, eval and checkpoints excluded
 
 
+def run_config(files: list[str], overrides: dict[str, Any]) -> TrainConfig:
+    """The config of a `gptforge train` command line. A resumed run starts from the config it was saved with,
+    so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides then change what they name."""
+    cfg = load_train_config(files, overrides)
+    if cfg.init_from != "resume":
+        return cfg
+    saved = load_checkpoint(cfg.out_dir, which="latest").get("config", {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    return load_train_config(files, {**overrides, "init_from": "resume", "out_dir": cfg.out_dir}, base=base)
+
+
 def train(cfg: TrainConfig) -> Progress:
-    """Run training as `cfg` says; under torchrun, every process calls this."""
+    """Run training as `cfg` says; under torchrun, every process calls this. Returns where it ended."""
     device = resolve_device(cfg.device)
     d = distrib.setup(device, cfg.backend)
     try:
@@ -76,7 +88,6 @@ class Trainer:
         self.accum = cfg.gradient_accumulation_steps // d.world_size  # micro-steps per process
         self.device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device.split(":")[0]
         self.ptdtype = DTYPES[cfg.dtype]
-        self._seed_everything()
         if self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
             torch.backends.cudnn.allow_tf32 = True
@@ -96,7 +107,9 @@ class Trainer:
         self.tokens_per_iter = global_rows * cfg.block_size
 
         ckpt = load_checkpoint(self.out_dir, which="latest") if cfg.init_from == "resume" else None
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them as they are)
         self.raw = self._build_model(ckpt).to(cfg.device)
+        self._seed_everything()
         if self.meta.vocab_size > self.raw.config.vocab_size:
             raise GptforgeError(
                 f"dataset {cfg.dataset} has {self.meta.vocab_size} tokens but the model only {self.raw.config.vocab_size}"
@@ -165,7 +178,9 @@ class Trainer:
         cfg, d, p = self.cfg, self.d, self.progress
         if d.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            resolved = dataclasses.asdict(cfg)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+            print("\n".join(f"{k} = {v!r}" for k, v in resolved.items()))
             print(f"tokens per iteration: {self.tokens_per_iter:,} "
                   f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps} accumulation steps)")
             print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, {cfg.dtype}, "
@@ -250,20 +265,21 @@ class Trainer:
 
     @torch.no_grad()
     def _estimate_loss(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` batches per split, the same batches at every eval, over all processes."""
+        """Mean loss over `eval_iters` batches of `batch_size` rows per split: the same batches at every eval
+        and whatever the number of processes, which share them out (batch k goes to rank k % world_size)."""
         cfg, d = self.cfg, self.d
         self.model.eval()
         out = {}
         for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed)):
-            batches = Batches(data, cfg.block_size, cfg.batch_size * d.world_size, seed=seed, rank=d.rank,
-                              world_size=d.world_size, device=cfg.device)
-            total = torch.zeros((), device=cfg.device)
-            for k in range(cfg.eval_iters):
+            batches = Batches(data, cfg.block_size, cfg.batch_size, seed=seed, device=cfg.device)
+            total = torch.zeros(2, device=cfg.device)  # sum of batch losses, number of batches
+            for k in range(d.rank, cfg.eval_iters, d.world_size):
                 x, y = batches.get(k)
                 with self.autocast:
                     _, loss = self.model(x, y)
-                total += loss.float()
-            out[split] = distrib.all_reduce_mean(total / cfg.eval_iters, d).item()
+                total += torch.stack([loss.float(), torch.ones((), device=cfg.device)])
+            loss_sum, count = distrib.all_reduce_sum(total, d).tolist()
+            out[split] = loss_sum / count
         self.model.train()
         return out
 
