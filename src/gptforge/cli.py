@@ -19,6 +19,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
     """Subcommands: name -> (one-line help, entry point taking the remaining argv)."""
     return {
         "prepare": ("tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json", _prepare),
+        "train": ("train, finetune or resume a model (under torchrun: on many processes)", _train),
     }
 
 
@@ -36,6 +37,30 @@ def _prepare(argv: list[str]) -> None:
     meta = dataset.prepare(apply_overrides(dataset.options(), overrides))
     counts = ", ".join(f"{split} {count:,}" for split, count in meta.tokens.items())
     print(f"{meta.dataset}: {counts} tokens ({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
+
+
+TRAIN_USAGE = """usage: gptforge train [CONFIG ...] [--key=value ...]
+
+CONFIG: TOML files (see configs/) or nanoGPT config/*.py files (read as data, never run), applied in order,
+then the --key=value options. --init_from=resume --out_dir=DIR continues a run from its own saved config.
+Many processes: torchrun --standalone --nproc_per_node=N -m gptforge train CONFIG ...
+
+options (defaults):
+{options}"""
+
+
+def _train(argv: list[str]) -> None:
+    import dataclasses
+
+    from gptforge.config import TrainConfig
+    from gptforge.train import run_config, train
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        options = "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig))
+        print(TRAIN_USAGE.format(options=options))
+        return
+    files, overrides = split_args(argv)
+    train(run_config(files, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
