@@ -104,23 +104,32 @@ def closest_key(key: str, valid: typing.Iterable[str]) -> str:
 
 
 def apply_overrides(obj: T, overrides: dict[str, Any], source: str = "") -> T:
-    """Return a copy of dataclass `obj` with `overrides` applied; raw strings are parsed as literals.
+    """Return a copy of dataclass `obj` with `overrides` applied.
 
-    `source` names where the overrides come from (a config file) for error messages; default the command line.
+    `source` names the config file the overrides come from, for error messages. Without it they are command-line
+    text, and strings are parsed as literals (`--max_iters=1e4`); a file's values already have their types, so
+    `max_iters = "1e4"` in a file is a wrong type, not a number.
     """
     hints = typing.get_type_hints(type(obj))
     fields = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    where = f"{source}: " if source else ""
     changes = {}
     for key, value in overrides.items():
         if key not in fields:
-            where = f" in {source}" if source else ""
-            raise GptforgeError(f"unknown option --{key}{where}{closest_key(key, fields)}")
-        if isinstance(value, str):
+            in_source = f" in {source}" if source else ""
+            raise GptforgeError(f"unknown option --{key}{in_source}{closest_key(key, fields)}")
+        if isinstance(value, str) and not source:
             parsed = _parse_literal(value)
             # A str field keeps the raw text unless it was written as a quoted string literal.
             value = parsed if hints[key] is not str or isinstance(parsed, str) else value
-        changes[key] = coerce(value, hints[key], key)
-    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+        try:
+            changes[key] = coerce(value, hints[key], key)
+        except GptforgeError as e:
+            raise GptforgeError(f"{where}{e}") from None
+    try:
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    except GptforgeError as e:  # a check across fields, such as a value out of range
+        raise GptforgeError(f"{where}{e}") from None
 
 
 @dataclasses.dataclass
@@ -210,15 +219,26 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML config file's keys; tables are flattened (`[model] n_layer = 4` gives `n_layer`)."""
+def read_toml(path: Path, valid: typing.Collection[str] | None = None) -> dict[str, Any]:
+    """A TOML config file's keys; tables are flattened (`[model] n_layer = 4` gives `n_layer`), so a file may
+    group its keys as it likes. With `valid`, a key outside it is an error naming its table and the closest key,
+    because once flattened the table would be lost from the message."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise GptforgeError(f"{path} is not valid TOML: {e}") from None
-    flat = {}
+    flat: dict[str, Any] = {}
     for key, value in data.items():
-        flat.update(value if isinstance(value, dict) else {key: value})
+        table, items = (key, value) if isinstance(value, dict) else ("", {key: value})
+        for name, item in items.items():
+            in_table = f" (in table [{table}])" if table else ""
+            if isinstance(item, dict):
+                raise GptforgeError(f"{path}: table [{table}.{name}] is nested too deep; tables hold keys only")
+            if valid is not None and name not in valid:
+                raise GptforgeError(f"unknown option --{name}{in_table} in {path}{closest_key(name, valid)}")
+            if name in flat:
+                raise GptforgeError(f"{path}: {name}{in_table} is set twice")
+            flat[name] = item
     return flat
 
 
@@ -243,7 +263,7 @@ def read_nanogpt_config(path: Path) -> dict[str, Any]:
             continue
         try:
             values[node.targets[0].id] = _literal_arithmetic(node.value)
-        except ValueError:
+        except (ValueError, TypeError, ArithmeticError):  # not a literal, unhashable, 1 / 0, overflow
             warnings.warn(
                 f"{path}:{node.lineno}: skipped {node.targets[0].id} = {ast.unparse(node.value)} (not a literal)",
                 stacklevel=2,
@@ -263,6 +283,8 @@ def _literal_arithmetic(node: ast.expr) -> Any:
         left, right = _literal_arithmetic(node.left), _literal_arithmetic(node.right)
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (left, right)):
             raise ValueError("arithmetic on non-numbers")
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")  # 10 ** 10 ** 10 would hang instead of failing
         return _OPERATORS[type(node.op)](left, right)
     return ast.literal_eval(node)
 
@@ -276,7 +298,7 @@ def load_train_config(files: list[str], overrides: dict[str, Any], base: TrainCo
         if not path.is_file():
             raise GptforgeError(f"config file {path} does not exist (shipped configs are in configs/)")
         if path.suffix == ".toml":
-            values = read_toml(path)
+            values = read_toml(path, valid={f.name for f in dataclasses.fields(TrainConfig)})
         elif path.suffix == ".py":
             values = read_nanogpt_config(path)
         else:
