@@ -1,8 +1,10 @@
 """The `gptforge` command: argument wiring only; each subcommand's work lives in its own module."""
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from gptforge.config import apply_overrides, split_args
 from gptforge.errors import GptforgeError
@@ -20,7 +22,32 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
     return {
         "prepare": ("tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json", _prepare),
         "train": ("train, finetune or resume a model (under torchrun: on many processes)", _train),
+        "sample": ("generate text from a run, GPT-2 or a model directory, streamed to stdout", _sample),
+        "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
+        "bench": ("time the training step of a model shape: ms/iter, tokens/s, MFU", _bench),
+        "plot": ("draw a run's loss curves from OUT_DIR/metrics.jsonl to a PNG", _plot),
     }
+
+
+def _options_usage(usage: str, defaults: Any) -> str:
+    """A command's usage line and its `--key=default  help` rows, from its options dataclass."""
+    rows = [(f"--{f.name}={getattr(defaults, f.name)!r}", f.metadata.get("help", ""))
+            for f in dataclasses.fields(defaults)]
+    width = max(len(option) for option, _ in rows)
+    return f"{usage}\n\noptions (defaults):\n" + "\n".join(
+        f"  {option:<{width}}  {help_}".rstrip() for option, help_ in rows
+    )
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def _no_positional(argv: list[str], command: str) -> dict[str, str]:
+    positional, overrides = split_args(argv)
+    if positional:
+        raise GptforgeError(f"unexpected argument {positional[0]!r}; options are --key=value (gptforge {command} --help)")
+    return overrides
 
 
 def _prepare(argv: list[str]) -> None:
@@ -61,6 +88,47 @@ def _train(argv: list[str]) -> None:
         return
     files, overrides = split_args(argv)
     train(run_config(files, overrides))
+
+
+def _sample(argv: list[str]) -> None:
+    from gptforge.sample import SampleOptions, sample
+
+    if _wants_help(argv):
+        print(_options_usage("usage: gptforge sample [--key=value ...]", SampleOptions()))
+        return
+    sample(apply_overrides(SampleOptions(), _no_positional(argv, "sample")))
+
+
+def _export(argv: list[str]) -> None:
+    from gptforge.export import ExportOptions, export
+
+    if _wants_help(argv):
+        usage = "usage: gptforge export --out_dir=RUN --format=hf|safetensors --to=DIR [--which=best|latest]"
+        print(_options_usage(usage, ExportOptions()))
+        return
+    opts = apply_overrides(ExportOptions(), _no_positional(argv, "export"))
+    print(f"exported {opts.out_dir} ({opts.which}) as {opts.format} to {export(opts)}")
+
+
+def _bench(argv: list[str]) -> None:
+    from gptforge.bench import BenchOptions, bench
+
+    if _wants_help(argv):
+        print(_options_usage("usage: gptforge bench [--key=value ...]", BenchOptions()))
+        return
+    bench(apply_overrides(BenchOptions(), _no_positional(argv, "bench")))
+
+
+def _plot(argv: list[str]) -> None:
+    from gptforge.plot import PlotOptions, plot
+
+    if _wants_help(argv):
+        print(_options_usage("usage: gptforge plot OUT_DIR [--to=FILE.png]", PlotOptions()))
+        return
+    positional, overrides = split_args(argv)
+    if len(positional) != 1:
+        raise GptforgeError("name one run directory: gptforge plot OUT_DIR [--to=FILE.png]")
+    print(f"wrote {plot(positional[0], apply_overrides(PlotOptions(), overrides))}")
 
 
 def main(argv: list[str] | None = None) -> int:

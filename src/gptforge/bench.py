@@ -1,0 +1,153 @@
+"""`gptforge bench`: how fast the trainer's step runs for a model shape, as nanoGPT's bench.py measures it.
+
+The step timed is the trainer's own (`train.Trainer`: data sampling, gradient accumulation, mixed precision,
+torch.compile, clipping, fused AdamW), so a number here is what `gptforge train` gets with the same options.
+Burn-in steps (compilation, allocator warm-up) run first and are not timed; then each timed step is waited for
+(`loss.item()`, as a training log line does). Data are a prepared dataset or, without one, uniform random
+GPT-2 token ids written to a temporary dataset. `--profile=True` records the timed steps with the PyTorch profiler
+as a trace for TensorBoard or Perfetto (the profiler slows them: time without it).
+"""
+
+import contextlib
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptforge.config import TrainConfig, resolve_device, resolve_dtype
+from gptforge.data import Meta
+from gptforge.distributed import Dist
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer import GPT2Tokenizer
+from gptforge.train import Trainer
+
+RANDOM_TOKENS = 1 << 20  # tokens of random data; batches are drawn from it at random offsets
+
+
+@dataclass
+class BenchOptions:
+    batch_size: int = field(default=12, metadata={"help": "rows per micro-step"})
+    block_size: int = field(default=1024, metadata={"help": "tokens per row"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per step"})
+    n_layer: int = field(default=12, metadata={"help": "model shape (default: GPT-2 124M)"})
+    n_head: int = field(default=12, metadata={"help": ""})
+    n_embd: int = field(default=768, metadata={"help": ""})
+    bias: bool = field(default=False, metadata={"help": ""})
+    dropout: float = field(default=0.0, metadata={"help": ""})
+    dataset: str | None = field(default=None, metadata={"help": "a prepared dataset (None: random tokens)"})
+    data_dir: str = field(default="data", metadata={"help": "where --dataset lives"})
+    burn_in: int = field(default=10, metadata={"help": "untimed steps first (compilation, warm-up)"})
+    steps: int = field(default=20, metadata={"help": "timed steps"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the model"})
+    seed: int = field(default=1337, metadata={"help": ""})
+    profile: bool = field(default=False, metadata={"help": "record the timed steps with the torch profiler"})
+    profile_dir: str = field(default="bench_log", metadata={"help": "where --profile writes its trace"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.burn_in < 0:
+            raise GptforgeError(f"--steps must be >= 1 and --burn_in >= 0, got {self.steps} and {self.burn_in}")
+
+
+@dataclass
+class BenchResult:
+    """The timed steps: mean and median step time, throughput, MFU (None where the device's peak is unknown)."""
+
+    ms_per_iter: float
+    median_ms: float
+    tokens_per_sec: float
+    mfu: float | None
+    losses: list[float]
+    trace: Path | None = None
+
+
+def train_config(opts: BenchOptions, data_dir: str, dataset: str) -> TrainConfig:
+    """The training config whose step the benchmark times."""
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(opts, f.name)}
+    device = resolve_device(opts.device)
+    return TrainConfig(**{**shared, "data_dir": data_dir, "dataset": dataset, "device": device,
+                          "dtype": resolve_dtype(opts.dtype, device), "init_from": "scratch"})
+
+
+def write_random_dataset(directory: Path) -> None:
+    """Uniform random GPT-2 token ids as a dataset (train and val), so the trainer reads them like any other."""
+    tokens = np.random.default_rng(0).integers(0, GPT2Tokenizer.vocab_size, RANDOM_TOKENS, dtype=np.uint16)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        tokens.tofile(directory / f"{split}.bin")
+    Meta(tokenizer={"kind": "gpt2"}, vocab_size=GPT2Tokenizer.vocab_size, dtype="uint16",
+         tokens={"train": RANDOM_TOKENS, "val": RANDOM_TOKENS}, dataset="random").write(directory)
+
+
+def bench(opts: BenchOptions) -> BenchResult:
+    """Time `opts.steps` training steps after `opts.burn_in` untimed ones; prints as it goes."""
+    with tempfile.TemporaryDirectory(prefix="gptforge-bench-") as tmp:
+        if opts.dataset is None:
+            write_random_dataset(Path(tmp) / "random")
+            cfg = train_config(opts, tmp, "random")
+        else:
+            cfg = train_config(opts, opts.data_dir, opts.dataset)
+        trainer = Trainer(dataclasses.replace(cfg, out_dir=tmp), Dist(device=cfg.device))
+        data = f"{cfg.data_dir}/{cfg.dataset}" if opts.dataset else "random tokens"
+        print(f"model: {trainer.raw.get_num_params() / 1e6:.2f}M parameters, {trainer.tokens_per_iter:,} tokens "
+              f"per step, {data}, device {cfg.device}, {cfg.dtype}, compile {cfg.compile}")
+        try:
+            return _run(trainer, opts)
+        finally:
+            trainer.batches.close()
+
+
+def _run(trainer: Trainer, opts: BenchOptions) -> BenchResult:
+    times, losses = [], []
+    with _profiler(opts, trainer.cfg.device) as prof:
+        for k in range(opts.burn_in + opts.steps):
+            t0 = time.perf_counter()
+            loss = trainer._step().item()  # waits for the step, as the trainer's log line does
+            dt = time.perf_counter() - t0
+            trainer.progress.iter_num += 1  # the next step's batch (and the prefetch of the one after)
+            if prof is not None:
+                prof.step()
+            if k < opts.burn_in:
+                print(f"burn-in {k + 1}/{opts.burn_in}: loss {loss:.4f}, {dt * 1000:.2f}ms")
+                continue
+            times.append(dt)
+            losses.append(loss)
+            print(f"step {len(times)}/{opts.steps}: loss {loss:.4f}, {dt * 1000:.2f}ms")
+    mean = sum(times) / len(times)
+    mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean, dtype=trainer._compute_dtype())
+    result = BenchResult(ms_per_iter=mean * 1000, median_ms=statistics.median(times) * 1000,
+                         tokens_per_sec=trainer.tokens_per_iter / mean, mfu=mfu, losses=losses,
+                         trace=_newest_trace(opts) if opts.profile else None)
+    mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "unknown (no peak FLOPS for this device)"
+    print(f"time per iteration: {result.ms_per_iter:.2f}ms (median {result.median_ms:.2f}ms), "
+          f"{result.tokens_per_sec:,.0f} tokens/s, MFU {mfu_text}")
+    if result.trace is not None:
+        print(f"profiler trace: {result.trace}")
+    return result
+
+
+@contextlib.contextmanager
+def _profiler(opts: BenchOptions, device: str) -> Iterator[torch.profiler.profile | None]:
+    """The torch profiler over the timed steps (the burn-in is its warm-up), or None without --profile."""
+    if not opts.profile:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    wait = max(opts.burn_in - 1, 0)
+    with profile(activities=activities, on_trace_ready=tensorboard_trace_handler(opts.profile_dir),
+                 schedule=schedule(wait=wait, warmup=opts.burn_in - wait, active=opts.steps, repeat=1)) as prof:
+        yield prof
+
+
+def _newest_trace(opts: BenchOptions) -> Path | None:
+    traces = sorted(Path(opts.profile_dir).glob("*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
+    return traces[-1] if traces else None

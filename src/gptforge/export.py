@@ -1,0 +1,112 @@
+"""`gptforge export`: a run's weights, without optimizer or training state, in a format other tools load.
+
+- `hf`: a Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) that
+  `transformers.GPT2LMHeadModel.from_pretrained` loads as the same function (hf.py does the conversion).
+- `safetensors`: gptforge's own state dict (nn.Linear layout, the tied head stored once) as `model.safetensors`
+  plus `config.json` holding the `GPTConfig`, read back by `load_export`.
+
+Both also write `gptforge_tokenizer.json` (and a trained BPE's `tokenizer.json`), so that `gptforge sample
+--init_from=DIR` decodes an exported char or BPE model with its own vocabulary instead of GPT-2's.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from safetensors.torch import load_file, save_file
+
+from gptforge import __version__
+from gptforge.atomic import atomic_path, atomic_write_text
+from gptforge.errors import GptforgeError
+from gptforge.mirror import mirror_dir
+from gptforge.model import GPT, GPTConfig
+from gptforge.runs import load_run
+from gptforge.tokenizer import BPETokenizer, Tokenizer, from_spec
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "gptforge_tokenizer.json"
+FORMAT = "gptforge"  # config.json's "format" in a safetensors export; HF's config.json has none
+TIED_HEAD = "lm_head.weight"  # the same tensor as transformer.wte.weight; safetensors stores no aliases
+
+
+@dataclass
+class ExportOptions:
+    out_dir: str = field(default="out", metadata={"help": "the run directory (or a checkpoint file) to export"})
+    format: Literal["hf", "safetensors"] = field(
+        default="hf", metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict"}
+    )
+    to: str = field(default="", metadata={"help": "output directory (required)"})
+    which: Literal["best", "latest"] = field(default="best", metadata={"help": "which checkpoint of the run"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "where the run's dataset lives, if not where it was trained"}
+    )
+
+
+def export(opts: ExportOptions) -> Path:
+    """Write the run's model and tokenizer to `opts.to`; returns that directory."""
+    if not opts.to:
+        raise GptforgeError("name the output directory: --to=DIR")
+    to = Path(opts.to)
+    if to.exists() and not to.is_dir():
+        raise GptforgeError(f"--to={to} is a file; name a directory")
+    run = load_run(opts.out_dir, opts.which, opts.data_dir)
+    if opts.format == "hf":
+        run.model.to_hf(to)
+    else:
+        save_export(run.model, to)
+    save_tokenizer(run.tokenizer, to)
+    return to
+
+
+def save_export(model: GPT, directory: str | Path) -> None:
+    """gptforge's state dict as `model.safetensors` and its `GPTConfig` as `config.json`, both atomically."""
+    directory = Path(directory)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config = {"format": FORMAT, "gptforge_version": __version__, "model_args": dataclasses.asdict(model.config)}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def is_export(directory: str | Path) -> bool:
+    """Whether `directory` holds a gptforge safetensors export (rather than, say, an HF GPT-2 directory)."""
+    config = Path(directory) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_export(directory: str | Path) -> GPT:
+    """The model of a safetensors export (dropout off, on the CPU)."""
+    directory = Path(directory)
+    model_args = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))["model_args"]
+    model = GPT(GPTConfig.from_dict({**model_args, "dropout": 0.0}))
+    tensors = load_file(directory / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if [k for k in missing if k != TIED_HEAD] or unexpected:
+        raise GptforgeError(f"{directory / WEIGHTS_FILE} does not match its {CONFIG_FILE}: missing "
+                            f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """The tokenizer's spec (and a trained BPE's own file) beside the weights."""
+    directory = Path(directory)
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save(directory / BPETokenizer.FILE)
+    atomic_write_text(directory / TOKENIZER_FILE, json.dumps(tokenizer.spec(), indent=2) + "\n")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | None:
+    """The tokenizer an export carries, or None (a plain HF GPT-2 directory)."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    return from_spec(json.loads(path.read_text(encoding="utf-8")), directory, mirror_dir())

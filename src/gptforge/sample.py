@@ -1,0 +1,174 @@
+"""`gptforge sample`: text from a trained run, GPT-2 or a model directory, streamed as it is generated.
+
+nanoGPT's sample.py options, plus top_p, seed, stream and which checkpoint. The model decodes token by token with
+its KV cache (generate.py); this module turns a prompt into ids and ids back into text with the run's own
+tokenizer, and prints text only once it is complete: a BPE token can end halfway through a multi-byte character.
+A seed fixes every draw, so the same options give the same text.
+"""
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO
+
+import torch
+
+from gptforge import export
+from gptforge.config import resolve_device, resolve_dtype
+from gptforge.errors import GptforgeError
+from gptforge.generate import optimize_for_decoding, stream
+from gptforge.model import GPT
+from gptforge.runs import load_run
+from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
+
+DTYPES = ("float32", "bfloat16", "float16")
+SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character that is not complete yet
+
+
+@dataclass
+class SampleOptions:
+    init_from: str = field(
+        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
+    )
+    out_dir: str = field(default="out", metadata={"help": "the run to sample (init_from=resume)"})
+    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "where the run's dataset (its tokenizer) lives, if it moved"}
+    )
+    start: str = field(default="\n", metadata={"help": "the prompt, or FILE:path to read it from a file"})
+    num_samples: int = field(default=10, metadata={"help": "samples to draw"})
+    max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
+    temperature: float = field(default=0.8, metadata={"help": "1.0 as trained, lower is surer, 0 is greedy"})
+    top_k: int | None = field(default=200, metadata={"help": "keep only the k likeliest tokens (None: all)"})
+    top_p: float | None = field(default=None, metadata={"help": "keep the likeliest tokens holding this mass"})
+    seed: int = field(default=1337, metadata={"help": "the same seed gives the same text"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    stream: bool = field(default=True, metadata={"help": "print tokens as they come, else each sample whole"})
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise GptforgeError(f"--temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GptforgeError(f"--top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise GptforgeError(f"--top_k={self.top_k} must be at least 1, or None")
+        if self.num_samples < 1:
+            raise GptforgeError(f"--num_samples={self.num_samples} must be at least 1")
+        if self.max_new_tokens < 0:
+            raise GptforgeError(f"--max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.seed < 0:
+            raise GptforgeError(f"--seed={self.seed} must be >= 0")
+        if self.dtype not in ("auto", *DTYPES):
+            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
+class TextStream:
+    """Token ids in, finished text out: tokens whose text ends in an incomplete character wait for the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text completed by `token`, possibly empty."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith(REPLACEMENT):
+            return ""
+        self.pending.clear()
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held, as it decodes (at the end of a sample)."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending.clear()
+        return text
+
+
+def load_source(opts: SampleOptions) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer that `init_from` names: a run, a gptforge export, or HF GPT-2."""
+    if opts.init_from == "resume":
+        run = load_run(opts.out_dir, opts.which, opts.data_dir)
+        return run.model, run.tokenizer
+    if export.is_export(opts.init_from):
+        model = export.load_export(opts.init_from)
+    else:
+        model = GPT.from_pretrained(opts.init_from, override_args={"dropout": 0.0})
+    tokenizer = export.load_tokenizer(opts.init_from) if Path(opts.init_from).is_dir() else None
+    return model, tokenizer or GPT2Tokenizer()
+
+
+def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
+    """The ids of `--start` (text, or FILE:path); an empty prompt starts from end-of-text where there is one."""
+    if start.startswith("FILE:"):
+        path = Path(start[len("FILE:"):])
+        try:
+            start = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptforgeError(f"--start=FILE:{path}: cannot read it ({type(e).__name__})") from None
+    ids = tokenizer.encode(start)
+    if not ids:
+        if tokenizer.eot_token is None:
+            raise GptforgeError("--start is empty and this tokenizer has no end-of-text token; give a prompt")
+        ids = [tokenizer.eot_token]
+    return ids
+
+
+class Sampler:
+    """A model on its device with its tokenizer: draws samples as streams of text pieces."""
+
+    def __init__(self, opts: SampleOptions):
+        self.opts = opts
+        model, self.tokenizer = load_source(opts)
+        self.device = resolve_device(opts.device)
+        dtype = getattr(torch, resolve_dtype(opts.dtype, self.device))
+        # Decoding streams every weight once per token, so the weights themselves take the dtype (half the
+        # bytes in 16 bits) rather than an autocast over fp32 weights.
+        model = optimize_for_decoding(model.to(device=self.device, dtype=dtype).eval())
+        self.model: torch.nn.Module = torch.compile(model) if opts.compile else model
+        self.prompt = prompt_ids(opts.start, self.tokenizer)
+        if max(self.prompt) >= model.config.vocab_size:
+            raise GptforgeError(f"the prompt has token ids the {model.config.vocab_size}-token model does not know")
+
+    def samples(self) -> Iterator[Iterator[str]]:
+        """`num_samples` samples, each the prompt's text and then its new text piece by piece."""
+        opts = self.opts
+        torch.manual_seed(opts.seed)
+        generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        for _ in range(opts.num_samples):
+            yield self._one(generator)
+
+    def _one(self, generator: torch.Generator) -> Iterator[str]:
+        opts = self.opts
+        idx = torch.tensor([self.prompt], dtype=torch.long, device=self.device)
+        text = TextStream(self.tokenizer)
+        yield self.tokenizer.decode(self.prompt)
+        tokens = stream(self.model, idx, opts.max_new_tokens, temperature=opts.temperature,  # type: ignore[arg-type]
+                        top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+        for token in tokens:
+            piece = text.push(int(token[0]))
+            if piece:
+                yield piece
+        yield text.flush()
+
+
+def sample(opts: SampleOptions, out: TextIO | None = None) -> list[str]:
+    """Print `num_samples` samples to `out` (default stdout), separated as nanoGPT does; returns their texts."""
+    out = out or sys.stdout
+    texts = []
+    for pieces in Sampler(opts).samples():
+        parts = []
+        for piece in pieces:
+            parts.append(piece)
+            if opts.stream:
+                out.write(piece)
+                out.flush()
+        text = "".join(parts)
+        out.write(("" if opts.stream else text) + f"\n{SEPARATOR}\n")
+        out.flush()
+        texts.append(text)
+    return texts
