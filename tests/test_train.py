@@ -214,3 +214,20 @@ def test_keep_last_prunes_old_checkpoints(data_dir, tmp_path):
     assert kept == ["ckpt-00000020.pt", "ckpt-00000030.pt", "ckpt-00000040.pt"]
     assert load_checkpoint(tmp_path / "ckpt-00000030.pt")["iter_num"] == 30
     assert os.path.samefile(tmp_path / "ckpt.pt", tmp_path / "ckpt-00000040.pt")
+
+
+def test_finetune_from_a_local_hf_directory_crops_and_resumes(data_dir, tmp_path):
+    from test_hf import tiny_hf
+
+    tiny_hf(n_positions=128).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "ft"
+    cfg = config(data_dir, out, init_from=str(tmp_path / "hf"), max_iters=10, n_layer=12, n_embd=768)
+    train(cfg)
+    saved = json.loads((out / "config.json").read_text())
+    ckpt = load_checkpoint(out)
+    assert ckpt["model_args"]["block_size"] == 32  # cropped from 128 to the run's block_size
+    assert (saved["n_layer"], saved["n_embd"]) == (ckpt["model_args"]["n_layer"], ckpt["model_args"]["n_embd"])
+    evals = eval_records(out)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    train(run_config([], {"init_from": "resume", "out_dir": str(out), "max_iters": "20"}))
+    assert max(step_losses(out)) == 19
