@@ -26,8 +26,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The CPU quick start: Shakespeare, a 4-layer character-level GPT, 2000 iterations, then a sample.
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/gptforge prepare shakespeare_char
+	$(BIN)/gptforge train configs/quickstart_cpu.toml
+	$(BIN)/gptforge sample --out_dir=out-shakespeare-char --num_samples=2 --max_new_tokens=300
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

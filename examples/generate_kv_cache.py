@@ -1,6 +1,6 @@
-"""Quick start: build a GPT-2 124M-shaped model and generate from it, with and without the KV cache.
+"""Generation demo: build a GPT-2 124M-shaped model and generate from it, with and without the KV cache.
 
-    make demo        # or: .venv/bin/python examples/quickstart.py
+    .venv/bin/python examples/generate_kv_cache.py
 
 The weights are random, so the tokens are noise; what this shows is the API, the speed of cached decoding
 and that it gives exactly the tokens of full recomputation.
