@@ -4,10 +4,12 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from gptforge.config import apply_overrides, split_args
 from gptforge.errors import GptforgeError
+
+T = TypeVar("T")
 
 USAGE = """usage: gptforge COMMAND [ARGS] [--key=value ...]
 
@@ -39,15 +41,15 @@ def _options_usage(usage: str, defaults: Any) -> str:
     )
 
 
-def _wants_help(argv: list[str]) -> bool:
-    return any(arg in ("-h", "--help") for arg in argv)
-
-
-def _no_positional(argv: list[str], command: str) -> dict[str, str]:
-    positional, overrides = split_args(argv)
-    if positional:
-        raise GptforgeError(f"unexpected argument {positional[0]!r}; options are --key=value (gptforge {command} --help)")
-    return overrides
+def _parse(argv: list[str], usage: str, defaults: T, positional: int = 0) -> tuple[list[str], T] | None:
+    """The positional arguments and options of a command configured by a dataclass; None once --help printed."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(_options_usage(usage, defaults))
+        return None
+    args, overrides = split_args(argv)
+    if len(args) != positional:
+        raise GptforgeError(f"expected {usage.removeprefix('usage: ')} (see --help)")
+    return args, apply_overrides(defaults, overrides)
 
 
 def _prepare(argv: list[str]) -> None:
@@ -93,42 +95,32 @@ def _train(argv: list[str]) -> None:
 def _sample(argv: list[str]) -> None:
     from gptforge.sample import SampleOptions, sample
 
-    if _wants_help(argv):
-        print(_options_usage("usage: gptforge sample [--key=value ...]", SampleOptions()))
-        return
-    sample(apply_overrides(SampleOptions(), _no_positional(argv, "sample")))
+    if parsed := _parse(argv, "usage: gptforge sample [--key=value ...]", SampleOptions()):
+        sample(parsed[1])
 
 
 def _export(argv: list[str]) -> None:
     from gptforge.export import ExportOptions, export
 
-    if _wants_help(argv):
-        usage = "usage: gptforge export --out_dir=RUN --format=hf|safetensors --to=DIR [--which=best|latest]"
-        print(_options_usage(usage, ExportOptions()))
-        return
-    opts = apply_overrides(ExportOptions(), _no_positional(argv, "export"))
-    print(f"exported {opts.out_dir} ({opts.which}) as {opts.format} to {export(opts)}")
+    usage = "usage: gptforge export --out_dir=RUN --format=hf|safetensors --to=DIR [--which=best|latest]"
+    if parsed := _parse(argv, usage, ExportOptions()):
+        opts = parsed[1]
+        print(f"exported {opts.out_dir} ({opts.which}) as {opts.format} to {export(opts)}")
 
 
 def _bench(argv: list[str]) -> None:
     from gptforge.bench import BenchOptions, bench
 
-    if _wants_help(argv):
-        print(_options_usage("usage: gptforge bench [--key=value ...]", BenchOptions()))
-        return
-    bench(apply_overrides(BenchOptions(), _no_positional(argv, "bench")))
+    if parsed := _parse(argv, "usage: gptforge bench [--key=value ...]", BenchOptions()):
+        bench(parsed[1])
 
 
 def _plot(argv: list[str]) -> None:
     from gptforge.plot import PlotOptions, plot
 
-    if _wants_help(argv):
-        print(_options_usage("usage: gptforge plot OUT_DIR [--to=FILE.png]", PlotOptions()))
-        return
-    positional, overrides = split_args(argv)
-    if len(positional) != 1:
-        raise GptforgeError("name one run directory: gptforge plot OUT_DIR [--to=FILE.png]")
-    print(f"wrote {plot(positional[0], apply_overrides(PlotOptions(), overrides))}")
+    if parsed := _parse(argv, "usage: gptforge plot OUT_DIR [--to=FILE.png]", PlotOptions(), positional=1):
+        (out_dir,), opts = parsed
+        print(f"wrote {plot(out_dir, opts)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,81 @@
+"""Tests for gptforge.export: a trained run exported to HF loads in transformers with the same logits, the
+safetensors format reloads bit for bit, and either one samples with the run's own tokenizer.
+
+    .venv/bin/python -m pytest tests/test_export.py
+"""
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import tiny_run
+
+from gptforge.checkpoint import load_model
+from gptforge.cli import main
+from gptforge.config import apply_overrides
+from gptforge.export import ExportOptions, export, is_export, load_export
+from gptforge.sample import SampleOptions, sample
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("export"))
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits(run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", f"--out_dir={run}", "--format=hf", f"--to={tmp_path / 'hf'}"]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    model = load_model(run, which="best").eval()
+    idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size))
+    with torch.no_grad():
+        ours, _ = model(idx, idx)  # with targets: logits at every position
+        theirs = hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert hf.config.vocab_size == model.config.vocab_size and hf.config.n_positions == model.config.block_size
+
+
+def test_safetensors_export_reloads_every_tensor_exactly(run, tmp_path):
+    export(ExportOptions(out_dir=str(run), format="safetensors", to=str(tmp_path / "st"), which="latest"))
+    files = sorted(p.name for p in (tmp_path / "st").iterdir())
+    assert files == ["config.json", "gptforge_tokenizer.json", "model.safetensors"]  # no temporary files left
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    original = load_model(run, which="latest")
+    assert config["format"] == "gptforge" and config["model_args"]["n_embd"] == original.config.n_embd
+    stored = load_file(tmp_path / "st" / "model.safetensors")
+    assert "lm_head.weight" not in stored  # tied to the token embedding: stored once
+    assert is_export(tmp_path / "st") and not is_export(run)
+    reloaded = load_export(tmp_path / "st").state_dict()
+    expected = original.state_dict()
+    assert reloaded.keys() == expected.keys()
+    assert all(torch.equal(reloaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_an_export_samples_the_run_s_text(run, tmp_path, fmt):
+    export(ExportOptions(out_dir=str(run), format=fmt, to=str(tmp_path / fmt)))
+    common = {"num_samples": 2, "max_new_tokens": 30, "device": "cpu", "start": "Thy"}
+    from_run = sample(apply_overrides(SampleOptions(), {**common, "out_dir": str(run)}), out=io.StringIO())
+    from_export = sample(apply_overrides(SampleOptions(), {**common, "init_from": str(tmp_path / fmt)}),
+                         out=io.StringIO())
+    assert from_export == from_run  # same weights, same char vocabulary, same seed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format=hf"], "name the output directory: --to=DIR"),
+    (["--format=onnx", "--to=x"], "--format='onnx' is not one of 'hf', 'safetensors'"),
+    (["--which=first", "--to=x"], "--which='first' is not one of 'best', 'latest'"),
+])
+def test_bad_options_are_one_line_errors(run, capsys, args, message):
+    assert main(["export", f"--out_dir={run}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptforge export: error: ") and message in err and err.count("\n") == 1
+
+
+def test_an_out_dir_without_a_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["export", f"--out_dir={tmp_path}", f"--to={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
