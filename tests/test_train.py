@@ -149,13 +149,13 @@ def test_interrupted_run_resumes_bit_identical(data_dir, tmp_path, how):
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     train(config(data_dir, tmp_path, max_iters=10))
     before = (tmp_path / "ckpt.pt").read_bytes()
-    real_step = Trainer._step
+    real_step = Trainer.step
 
     def poisoned(self):
         loss = real_step(self)
         return loss * float("nan") if self.progress.iter_num >= 13 else loss
 
-    monkeypatch.setattr(Trainer, "_step", poisoned)
+    monkeypatch.setattr(Trainer, "step", poisoned)
     with pytest.raises(GptforgeError, match="loss became nan at iter 13"):
         train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": "20"}))
     assert (tmp_path / "ckpt.pt").read_bytes() == before

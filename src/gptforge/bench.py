@@ -109,7 +109,7 @@ def _run(trainer: Trainer, opts: BenchOptions) -> BenchResult:
     with _profiler(opts, trainer.cfg.device) as prof:
         for k in range(opts.burn_in + opts.steps):
             t0 = time.perf_counter()
-            loss = trainer._step().item()  # waits for the step, as the trainer's log line does
+            loss = trainer.step().item()  # waits for the step, as the trainer's log line does
             dt = time.perf_counter() - t0
             trainer.progress.iter_num += 1  # the next step's batch (and the prefetch of the one after)
             if prof is not None:
@@ -121,7 +121,7 @@ def _run(trainer: Trainer, opts: BenchOptions) -> BenchResult:
             losses.append(loss)
             print(f"step {len(times)}/{opts.steps}: loss {loss:.4f}, {dt * 1000:.2f}ms")
     mean = sum(times) / len(times)
-    mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean, dtype=trainer._compute_dtype())
+    mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean, dtype=trainer.compute_dtype())
     result = BenchResult(ms_per_iter=mean * 1000, median_ms=statistics.median(times) * 1000,
                          tokens_per_sec=trainer.tokens_per_iter / mean, mfu=mfu, losses=losses,
                          trace=_newest_trace(opts) if opts.profile else None)

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -135,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in commands:
         print(f"gptforge: error: unknown command {name!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
         return 2
+    label = f"gptforge {name}"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun every process reports: say which
+        label += f" (rank {os.environ.get('RANK', '?')})"
+    warnings.formatwarning = lambda message, *_: f"{label}: warning: {message}\n"
     try:
         return commands[name][1](rest) or 0
     except (GptforgeError, ValueError) as e:
         if os.environ.get("GPTFORGE_DEBUG"):
             raise
-        print(f"gptforge {name}: error: {e}", file=sys.stderr)
+        print(f"{label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gptforge {name}: interrupted", file=sys.stderr)
+        print(f"{label}: interrupted", file=sys.stderr)
         return 130

@@ -212,7 +212,7 @@ class Trainer:
                     break
 
                 t0 = time.perf_counter()
-                loss = self._step()
+                loss = self.step()
                 if it % cfg.log_interval == 0:
                     loss_value = distrib.all_reduce_mean(loss, d).item()  # also waits for the step to finish
                 t1 = time.perf_counter()
@@ -227,7 +227,7 @@ class Trainer:
                             f"checkpoint in {cfg.out_dir} is intact (try a lower --learning_rate or --dtype=bfloat16)"
                         )
                     if it >= 5:  # let the first iterations (compilation) pass
-                        mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=self._compute_dtype())
+                        mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=self.compute_dtype())
                         if mfu is not None:
                             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                     self._log_step(log, bar, it, loss_value, lr, dt, running_mfu)
@@ -242,7 +242,7 @@ class Trainer:
             self.batches.close()
         return p
 
-    def _step(self) -> torch.Tensor:
+    def step(self) -> torch.Tensor:
         """One optimizer step over this process's share of the global batch; returns its mean loss."""
         cfg = self.cfg
         x_all, y_all = self.batches.get(self.progress.iter_num)
@@ -331,7 +331,8 @@ class Trainer:
 
     # -- logging --
 
-    def _compute_dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in, which sets the peak FLOPS that MFU divides by."""
         return self.ptdtype if not isinstance(self.autocast, contextlib.nullcontext) else torch.float32
 
     def _log_step(self, log: MetricsLog | None, bar: tqdm, it: int, loss: float, lr: float, dt: float,
