@@ -79,6 +79,14 @@ def test_meta_errors_name_the_problem_and_the_fix(dataset_dir, tmp_path):
         Meta.read(dataset_dir)
 
 
+def test_a_missing_bin_file_is_named(dataset_dir):
+    (dataset_dir / "val.bin").unlink()
+    with pytest.raises(
+        GptforgeError, match=r"val.bin is missing but meta.json says 1,000 uint16 tokens \(2,000 bytes\)"
+    ):
+        Meta.read(dataset_dir)
+
+
 def test_meta_with_a_dtype_too_small_for_its_vocabulary(dataset_dir):
     raw = json.loads((dataset_dir / "meta.json").read_text())
     (dataset_dir / "meta.json").write_text(json.dumps({**raw, "vocab_size": 70_000}))
@@ -135,6 +143,20 @@ def test_windows_are_the_token_slices(dataset_dir):
         rows = val.windows(np.array([0, 7, 999 - 5]), 6)
         expected = np.fromfile(dataset_dir / "val.bin", dtype=np.uint16)
         assert len(val) == 1000 and rows.tolist() == [expected[s : s + 6].tolist() for s in (0, 7, 994)]
+
+
+def test_uint32_tokens_above_65535_are_read_back(tmp_path):
+    directory = tmp_path / "wide"
+    directory.mkdir()
+    ids = np.arange(65_000, 70_000)
+    ids.astype("<u4").tofile(directory / "train.bin")
+    ids[:100].astype("<u4").tofile(directory / "val.bin")
+    Meta({"kind": "gpt2"}, 70_000, token_dtype(70_000), {"train": 5000, "val": 100}).write(directory)
+    with TokenDataset(directory) as train:
+        assert train.meta.dtype == "uint32"
+        x, _ = Batches(train, block_size=8, batch_size=4).get(0)
+        starts = BatchSampler(5000, 8, 4).starts(0)
+        assert x.tolist() == [list(range(65_000 + s, 65_000 + s + 8)) for s in starts]
 
 
 def test_empty_or_unknown_split_is_an_error(tmp_path):

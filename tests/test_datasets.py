@@ -20,11 +20,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mirror_data import MIRROR, SHAKESPEARE, WAR_AND_PEACE, needs_mirror, reference_gpt2
 
+from gptforge import datasets
 from gptforge.cli import main
 from gptforge.data import Meta
-from gptforge.datasets import cut_point, read_text
+from gptforge.datasets import (
+    Piece,
+    PrepareOptions,
+    SplitText,
+    cut_point,
+    read_text,
+    register,
+    write_dataset,
+)
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import BPETokenizer, GPT2Tokenizer
+from gptforge.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
 
@@ -218,12 +227,12 @@ def documents(tmp_path) -> tuple[Path, list[str]]:
     return directory, [texts["a.txt"], texts["b.txt"], *records, texts["d.txt"]]
 
 
-def split_documents(directory: Path, split: str, gpt2: GPT2Tokenizer) -> list[str]:
-    """The documents of a .bin file, each ended by <|endoftext|>."""
+def split_documents(directory: Path, split: str, tokenizer: GPT2Tokenizer | BPETokenizer) -> list[str]:
+    """The documents of a .bin file, each ended by the tokenizer's end-of-text id."""
     ids = np.fromfile(directory / f"{split}.bin", dtype=np.uint16)
-    ends = np.flatnonzero(ids == 50256)
+    ends = np.flatnonzero(ids == tokenizer.eot_token)
     assert ends[-1] == len(ids) - 1
-    return [gpt2.decode(ids[start:end]) for start, end in zip([0, *(ends[:-1] + 1)], ends, strict=True)]
+    return [tokenizer.decode(ids[start:end]) for start, end in zip([0, *(ends[:-1] + 1)], ends, strict=True)]
 
 
 @needs_mirror
@@ -243,6 +252,26 @@ def test_documents_split_by_document_in_input_order(tmp_path, documents, gpt2):
     assert bins(tmp_path / "again") == bins(out)  # deterministic
     assert prepare("text", *args, "--name=reseeded", "--seed=1") == 0
     assert split_documents(tmp_path / "reseeded", "val", gpt2) != val
+
+
+@needs_mirror
+def test_bpe_separates_documents_with_its_end_of_text_id(tmp_path, documents):
+    directory, docs = documents
+    args = [f"--input={directory}", "--tokenizer=bpe", "--vocab_size=300", "--val_fraction=0.25"]
+    assert prepare("text", *args, f"--data_dir={tmp_path}") == 0
+    out = tmp_path / "text"
+    tokenizer = Meta.read(out).load_tokenizer(out)
+    assert tokenizer.eot_token == 0  # and "<|endoftext|>" inside a record stays text, not a separator
+    train, val = split_documents(out, "train", tokenizer), split_documents(out, "val", tokenizer)
+    assert len(val) == 2 and sorted(train + val) == sorted(docs)
+
+
+def test_char_documents_are_concatenated_without_a_separator(tmp_path, documents):
+    directory, docs = documents
+    args = [f"--input={directory}", "--tokenizer=char", "--val_fraction=0.25", f"--data_dir={tmp_path}"]
+    assert prepare("text", *args) == 0
+    meta = Meta.read(tmp_path / "text")
+    assert meta.eot_token is None and sum(meta.tokens.values()) == sum(map(len, docs))  # one id per character
 
 
 @needs_mirror
@@ -288,6 +317,10 @@ def test_errors_replace_keeps_going(tmp_path):
         == 0
     )
     assert "\ufffd" in Meta.read(tmp_path / "text").tokenizer["chars"]
+    (tmp_path / "lone.jsonl").write_text('{"text": "a lone \\udc00"}\n{"text": "a pair \\ud83d\\ude00"}\n')
+    args = [f"--input={tmp_path}/lone.jsonl", "--tokenizer=char", "--errors=replace", "--name=lone"]
+    assert prepare("text", *args, f"--data_dir={tmp_path}") == 0
+    assert Meta.read(tmp_path / "lone").tokenizer["chars"] == " aeilnopr\ufffd😀"
 
 
 # ---- openwebtext, on a small local stand-in
@@ -335,6 +368,64 @@ def test_openwebtext_from_parquet_or_a_saved_dataset(tmp_path, web_documents):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+@needs_mirror
+def test_openwebtext_from_text_files_one_document_each(tmp_path, gpt2):
+    (tmp_path / "web").mkdir()
+    docs = [f"Page {i}.\nIts second line is {'long ' * i}and ends here.\n" for i in range(20)]
+    for i, doc in enumerate(docs):
+        (tmp_path / "web" / f"{i:02}.txt").write_text(doc)
+    common = [
+        "--val_fraction=0.1",
+        f"--cache_dir={tmp_path}/hf",
+        f"--mirror={MIRROR}",
+        f"--data_dir={tmp_path}",
+    ]
+    assert prepare("openwebtext", f"--source={tmp_path}/web", *common) == 0
+    out = tmp_path / "openwebtext"
+    train, val = split_documents(out, "train", gpt2), split_documents(out, "val", gpt2)
+    assert len(val) == 2 and sorted(train + val) == sorted(docs)
+
+
+# ---- the registry and the shared writer
+
+
+def test_a_new_dataset_is_one_registered_function(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))  # the real registry stays as it was
+    (tmp_path / "letters.txt").write_text("abc " * 100)
+
+    @register("letters", "a toy corpus of four characters")
+    def prepare_letters(opts: PrepareOptions) -> Meta:
+        corpus = SplitText(tmp_path / "letters.txt", opts.val_fraction)
+        return write_dataset(Path(opts.data_dir) / "letters", corpus, CharTokenizer("abc "), opts)
+
+    assert prepare("--help") == 0 and "letters           a toy corpus" in capsys.readouterr().out
+    assert prepare("letters", f"--data_dir={tmp_path}", "--num_proc=1") == 0
+    assert capsys.readouterr().out == "letters: train 360, val 40 tokens (char, vocab 4, uint16)\n"
+    assert Meta.read(tmp_path / "letters").dataset == "letters"
+
+
+def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
+    """Only a few pieces are ever read ahead of what is written, however long the corpus."""
+    monkeypatch.setattr(datasets, "CHUNK_BYTES", 4096)  # pieces are batched by this many characters
+    out, piece = tmp_path / "out", "ab " * 341 + "\n"  # 1,024 characters
+    lag = []
+
+    class Endless:
+        def pieces(self, desc: str = "tokenize"):
+            for i in range(2000):
+                # one token per character, written as uint16 to the hidden temporaries of train.bin and val.bin
+                written = sum(p.stat().st_size for p in out.glob(".*.bin.tmp-*")) // 2
+                lag.append(i * len(piece) - written)
+                yield Piece("val" if i % 10 == 9 else "train", piece, False)
+
+        def source(self) -> dict:
+            return {}
+
+    meta = write_dataset(out, Endless(), CharTokenizer(" \nab"), PrepareOptions(num_proc=2))
+    assert sum(meta.tokens.values()) == 2000 * len(piece)
+    assert max(lag) <= 16 * 4096  # a few batches in flight, out of 2 MB of text
+
+
 # ---- bad input: one line, exit status 2, nothing written
 
 
@@ -347,6 +438,11 @@ def bad_inputs(tmp_path) -> Path:
     (tmp_path / "no_field.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "one.jsonl").write_text('{"text": "only one"}\n\n')
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\n{"text": "b\xff"}\n')
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "surrogate.jsonl").write_text(
+        '{"text": "a \\ud83d\\ude00 pair"}\n{"text": "a lone \\udc00"}\n'
+    )
     return tmp_path
 
 
@@ -361,6 +457,9 @@ BAD = [
     (["text", "--input={tmp}/no_field.jsonl"], "{tmp}/no_field.jsonl:2: no string field 'text'; name it with --text_field"),
     (["text", "--input={tmp}/broken.jsonl"], "{tmp}/broken.jsonl:2: not valid JSON"),
     (["text", "--input={tmp}/one.jsonl"], "holds 1 document(s); splitting by document needs at least 2"),
+    (["text", "--input={tmp}/bad.jsonl"], "{tmp}/bad.jsonl: invalid UTF-8 at byte 25 (line 2); fix the file or pass --errors=replace"),
+    (["text", "--input={tmp}/nothing"], "--input: {tmp}/nothing matches no .txt or .jsonl files"),
+    (["text", "--input={tmp}/surrogate.jsonl"], "{tmp}/surrogate.jsonl:2: 'text' holds a lone surrogate '\\udc00', not valid Unicode"),
     (["text", "--input={tmp}/ok.txt", "--val_fractoin=0.2"], "unknown option --val_fractoin (did you mean --val_fraction?)"),
     (["text", "--input={tmp}/ok.txt", "--val_fraction=1.5"], "--val_fraction=1.5 must be between 0 and 1"),
     (["text", "--input={tmp}/ok.txt", "--vocab_size=500"], "--vocab_size applies to --tokenizer=bpe only"),

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -513,8 +514,19 @@ def read_jsonl(path: Path, text_field: str, errors: str = "strict") -> Iterator[
                     raise GptforgeError(
                         f"{path}:{number}: no string field {text_field!r}; name it with --text_field"
                     )
+                # A \ud800-style escape decodes to a lone surrogate, which is not text any tokenizer can encode.
+                if b"\\u" in line and (bad := _SURROGATE.search(text)):
+                    if errors != "replace":
+                        raise GptforgeError(
+                            f"{path}:{number}: {text_field!r} holds a lone surrogate {bad.group()!a}, not valid "
+                            f"Unicode; fix the file or pass --errors=replace"
+                        )
+                    text = _SURROGATE.sub("\ufffd", text)
                 yield text
             offset += len(line)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _count_records(path: Path) -> int:
