@@ -117,14 +117,20 @@ def latest_step(out_dir: Path) -> int:
     return max(losses, default=-1)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    whole = tmp_path_factory.mktemp("whole")
+    train(config(data_dir, whole, max_iters=100))
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
-def test_interrupted_run_resumes_bit_identical(data_dir, tmp_path, how):
+def test_interrupted_run_resumes_bit_identical(data_dir, uninterrupted, tmp_path, how):
     """SIGTERM checkpoints and exits; kill -9 at an arbitrary step loses only the steps since the last checkpoint.
     Either way the resumed run's whole history equals an uninterrupted run's."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train(config(data_dir, whole, max_iters=200))
-    cfg = config(data_dir, cut, max_iters=200)
+    whole, cut = uninterrupted, tmp_path / "cut"
+    cfg = config(data_dir, cut, max_iters=100)
     process = subprocess.Popen([sys.executable, "-m", "gptforge", "train", *cli_args(cfg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: latest_step(cut) >= 37, process)
@@ -231,3 +237,12 @@ def test_finetune_from_a_local_hf_directory_crops_and_resumes(data_dir, tmp_path
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     train(run_config([], {"init_from": "resume", "out_dir": str(out), "max_iters": "20"}))
     assert max(step_losses(out)) == 19
+
+
+def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path, capsys):
+    train(config(data_dir, tmp_path, max_iters=10))
+    history = (tmp_path / "metrics.jsonl").read_text()
+    for max_iters in ("10", "5"):
+        assert train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": max_iters})).iter_num == 10
+        assert "already at iter 10" in capsys.readouterr().out  # tqdm.write prints to stdout
+    assert (tmp_path / "metrics.jsonl").read_text() == history

@@ -201,10 +201,14 @@ class Trainer:
                     if cfg.decay_lr else cfg.learning_rate
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                final = it >= cfg.max_iters
+                if final and it == resumed_at:
+                    bar.write(f"{cfg.out_dir} is already at iter {it}; pass a larger --max_iters to train on")
+                    break
                 scheduled = it % cfg.eval_interval == 0 and it != resumed_at
-                if scheduled or it == cfg.max_iters or cfg.eval_only:
-                    self._eval_and_save(log, wandb, lr, running_mfu, final=it == cfg.max_iters)
-                    if cfg.eval_only or it == cfg.max_iters:
+                if scheduled or final or cfg.eval_only:
+                    self._eval_and_save(log, wandb, lr, running_mfu, final=final)
+                    if cfg.eval_only or final:
                         break
                 if distrib.any_rank(stop["requested"], d):
                     self._save(best=False)
