@@ -197,43 +197,31 @@ def test_toml_tables_are_flattened(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("name", "text", "message"),
     [
-        ("max_itres = 5\n", r"unknown option --max_itres in .*bad\.toml \(did you mean --max_iters\?\)"),
-        ("[model]\nn_layr = 4\n",
+        ("bad.toml", "max_itres = 5\n", r"unknown option --max_itres in .*bad\.toml \(did you mean --max_iters\?\)"),
+        ("bad.toml", "[model]\nn_layr = 4\n",
          r"unknown option --n_layr \(in table \[model\]\) in .*bad\.toml \(did you mean --n_layer\?\)"),
-        ("[model]\n[model.attention]\nn_head = 4\n", r"bad\.toml: table \[model\.attention\] is nested too deep"),
-        ("n_layer = 4\n[model]\nn_layer = 6\n", r"bad\.toml: n_layer \(in table \[model\]\) is set twice"),
-        ('max_iters = "many"\n', r"bad\.toml: --max_iters='many' is not an integer"),
-        ('max_iters = "1e4"\n', r"bad\.toml: --max_iters='1e4' is not an integer"),  # typed in a file
-        ("n_layer = 4.5\n", r"bad\.toml: --n_layer=4\.5 is not an integer"),
-        ('compile = "yes"\n', r"bad\.toml: --compile='yes' is not a bool"),
-        ("learning_rate = true\n", r"bad\.toml: --learning_rate=True is not a number"),
-        ("device = 0\n", r"bad\.toml: --device=0 is not a string"),
-        ('parallelism = "tp"\n', r"bad\.toml: --parallelism='tp' is not one of 'ddp', 'fsdp'"),
-        ("n_layer = 0\n", r"bad\.toml: --n_layer must be at least 1, got 0"),
-        ("max_iters = \n", r"bad\.toml is not valid TOML: .*line 1"),
-        ("[model\n", r"bad\.toml is not valid TOML"),
+        ("bad.toml", "[model]\n[model.attention]\nn_head = 4\n", r"bad\.toml: table \[model\.attention\] is nested too deep"),
+        ("bad.toml", "n_layer = 4\n[model]\nn_layer = 6\n", r"bad\.toml: n_layer \(in table \[model\]\) is set twice"),
+        ("bad.toml", 'max_iters = "many"\n', r"bad\.toml: --max_iters='many' is not an integer"),
+        ("bad.toml", 'max_iters = "1e4"\n', r"bad\.toml: --max_iters='1e4' is not an integer"),  # typed in a file
+        ("bad.toml", "n_layer = 4.5\n", r"bad\.toml: --n_layer=4\.5 is not an integer"),
+        ("bad.toml", 'compile = "yes"\n', r"bad\.toml: --compile='yes' is not a bool"),
+        ("bad.toml", "learning_rate = true\n", r"bad\.toml: --learning_rate=True is not a number"),
+        ("bad.toml", "device = 0\n", r"bad\.toml: --device=0 is not a string"),
+        ("bad.toml", 'parallelism = "tp"\n', r"bad\.toml: --parallelism='tp' is not one of 'ddp', 'fsdp'"),
+        ("bad.toml", "n_layer = 0\n", r"bad\.toml: --n_layer must be at least 1, got 0"),
+        ("bad.toml", "max_iters = \n", r"bad\.toml is not valid TOML: .*line 1"),
+        ("bad.toml", "[model\n", r"bad\.toml is not valid TOML"),
+        ("bad.py", "use_svd = False\n", r"unknown option --use_svd in .*bad\.py"),
+        ("bad.py", "n_layers = 4\n", r"unknown option --n_layers in .*bad\.py \(did you mean --n_layer\?\)"),
+        ("bad.py", "batch_size = 'eight'\n", r"bad\.py: --batch_size='eight' is not an integer"),
+        ("bad.py", "batch_size =\n", r"bad\.py is not valid Python: .* at line 1"),
     ],
 )
-def test_bad_toml_files_are_one_line_errors(tmp_path, text, message):
-    path = write(tmp_path, "bad.toml", text)
-    with pytest.raises(GptforgeError, match=message) as e:
-        load_train_config([path], {})
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("use_svd = False\n", r"unknown option --use_svd in .*bad\.py"),
-        ("n_layers = 4\n", r"unknown option --n_layers in .*bad\.py \(did you mean --n_layer\?\)"),
-        ("batch_size = 'eight'\n", r"bad\.py: --batch_size='eight' is not an integer"),
-        ("batch_size =\n", r"bad\.py is not valid Python: .* at line 1"),
-    ],
-)
-def test_bad_nanogpt_files_are_one_line_errors(tmp_path, text, message):
-    path = write(tmp_path, "bad.py", text)
+def test_bad_config_files_are_one_line_errors(tmp_path, name, text, message):
+    path = write(tmp_path, name, text)
     with pytest.raises(GptforgeError, match=message) as e:
         load_train_config([path], {})
     assert "\n" not in str(e.value)
