@@ -1,11 +1,15 @@
 """Tests for gptforge.generate: KV cache against full recomputation, sampling filters, stops, streaming.
 
     .venv/bin/python -m pytest tests/test_generate.py
+
+The cache tests run on GPT-2 and on the model options' combinations of tests/test_model_options.py (rotary
+positions, QK-norm, untied soft-capped head, ReLU² and SwiGLU...).
 """
 
 import pytest
 import torch
 from conftest import tiny_config
+from test_model_options import OPTION_SETS, make_model
 
 from gptforge import GPT
 from gptforge.generate import filter_logits, optimize_for_decoding, sample_next
@@ -16,10 +20,9 @@ def seeded(seed: int = 7) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture
-def model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(tiny_config(block_size=128)).eval()
+@pytest.fixture(params=list(OPTION_SETS))
+def model(request) -> GPT:
+    return make_model(OPTION_SETS[request.param], block_size=128)
 
 
 def test_cache_matches_recompute_greedy_batch_of_three(model):
@@ -65,9 +68,9 @@ def test_kv_cache_is_preallocated_once():
     assert cache.k.data_ptr() == pointer and keys.shape == (2, 4, 6, 8)
 
 
-def test_generation_past_block_size_conditions_on_the_last_block_size_tokens():
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=16)).eval()
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_generation_past_block_size_conditions_on_the_last_block_size_tokens(options):
+    model = make_model(options, block_size=16)
     prompt = torch.randint(0, 97, (2, 5))
     out = model.generate(prompt, 40, temperature=0)
     assert out.shape == (2, 45)
@@ -78,9 +81,9 @@ def test_generation_past_block_size_conditions_on_the_last_block_size_tokens():
             assert torch.equal(out[:, t], model(window)[0][:, -1].argmax(-1))
 
 
-def test_prompt_longer_than_block_size():
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=16)).eval()
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_prompt_longer_than_block_size(options):
+    model = make_model(options, block_size=16)
     prompt = torch.randint(0, 97, (1, 30))
     out = model.generate(prompt, 5, generator=seeded(), top_k=10)
     assert out.shape == (1, 35)
@@ -170,9 +173,9 @@ def test_optimize_for_decoding_keeps_values_and_tokens(model):
     assert torch.equal(model.generate(prompts, 30, temperature=0), before)
 
 
-def test_bf16_cache_logits_agree_with_recompute():
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=128)).eval().to(torch.bfloat16)
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_bf16_cache_logits_agree_with_recompute(options):
+    model = make_model(options, block_size=128).to(torch.bfloat16)
     idx = torch.randint(0, 97, (2, 60))
     with torch.no_grad():
         full = model(idx)[0][:, -1].float()

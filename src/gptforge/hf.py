@@ -29,6 +29,9 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # HF activation names and the nn.GELU approximation each one is.
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 LAYER_NORM_EPS = 1e-5
+# GPTConfig options that change the network; GPT2LMHeadModel is only their defaults (zero_init_proj is not here:
+# it changes the initialisation, not the function, so a model trained with it exports).
+ARCHITECTURE_OPTIONS = ("pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "logit_softcap")
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 
@@ -136,10 +139,19 @@ def save_hf_gpt2(model: GPT, directory: str | Path) -> None:
     """Write `config.json` and `model.safetensors` that `transformers.GPT2LMHeadModel` loads as this model.
 
     `bias=False` models get zero biases (the same function); a padded vocabulary (e.g. 50304) stays as it is.
+    A model with any of the `ARCHITECTURE_OPTIONS` off GPT-2's value is refused, naming them.
     """
     if not isinstance(model, GPT):
         raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
     cfg = model.config
+    gpt2 = GPTConfig()
+    options = [f"{name}={getattr(cfg, name)!r}" for name in ARCHITECTURE_OPTIONS
+               if getattr(cfg, name) != getattr(gpt2, name)]
+    if options:
+        raise GptforgeError(
+            f"to_hf writes GPT-2 (GPT2LMHeadModel), and this model is not GPT-2: {', '.join(options)}; "
+            "export it in gptforge's own format instead (gptforge export --format=safetensors)"
+        )
     directory = Path(directory)
     state_dict = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}

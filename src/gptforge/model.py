@@ -1,10 +1,15 @@
 """The GPT-2 network: numerically the GPT-2 of OpenAI and Hugging Face, in one file.
 
+With its options left at their defaults it is exactly GPT-2. The options (rotary positions, RMSNorm, ReLU² or
+SwiGLU, QK-norm, an untied head, logit soft-capping, zero-initialised projections) are the architecture changes
+of the modded-nanogpt speedrun and of Llama, each a small module or a line where it acts.
+
 References:
 1) OpenAI's official GPT-2 TensorFlow implementation:
    https://github.com/openai/gpt-2/blob/master/src/model.py
 2) Hugging Face transformers' PyTorch implementation:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+3) modded-nanogpt, the NanoGPT speedrun: https://github.com/KellerJordan/modded-nanogpt
 
 This module knows tensors of token ids and nothing of text. Decoding loops live in `generate.py`, Hugging Face
 conversion in `hf.py`, checkpoint files in `checkpoint.py`; the methods here that reach them are thin doors.
@@ -23,6 +28,16 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+NORM_EPS = 1e-5  # LayerNorm's (GPT-2's) epsilon, used by RMSNorm and QK-norm too, whatever the dtype
+ROPE_BASE = 10000.0  # the rotary frequencies' base, as in RoFormer and Llama
+# The allowed values of GPTConfig's string options; the first is GPT-2's.
+CHOICES = {
+    "gelu_approximate": ("tanh", "none"),
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "relu2", "swiglu"),
+}
+
 
 @dataclass
 class GPTConfig:
@@ -36,6 +51,14 @@ class GPTConfig:
     # GPT-2 (OpenAI and HF's `gelu_new`) uses the tanh approximation; nanoGPT trained with the exact
     # erf GELU, so its checkpoints load with "none".
     gelu_approximate: Literal["tanh", "none"] = "tanh"
+    # Beyond GPT-2 (docs/model.md): every default below is GPT-2's, so a config without them is GPT-2.
+    pos_emb: Literal["learned", "rope"] = "learned"  # learned absolute embeddings (wpe), or rotary
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # the feed-forward's activation (swiglu: gated)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    tie_embeddings: bool = True  # the output head is the token embedding; False gives it its own matrix
+    logit_softcap: float | None = None  # logits become cap * tanh(logits / cap)
+    zero_init_proj: bool = False  # the residual projections start at zero: every block starts as identity
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -49,8 +72,21 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.gelu_approximate not in ("tanh", "none"):
-            raise ValueError(f"GPTConfig.gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("qk_norm", "tie_embeddings", "zero_init_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < math.inf):
+            raise ValueError(f"GPTConfig.logit_softcap must be a positive number or None, got {cap!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"GPTConfig.pos_emb='rope' rotates pairs of channels: the head size n_embd // n_head "
+                f"({self.n_embd // self.n_head}) must be even"
+            )
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "GPTConfig":
@@ -90,6 +126,46 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def norm(config: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm (https://arxiv.org/abs/1910.07467): no mean subtraction and no bias,
+    only the learned scale; cheaper, and as good in the speedrun and Llama."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # the cos and sin of every (position, channel pair), (T, head_size / 2)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE, https://arxiv.org/abs/2104.09864) for positions 0..max_len-1.
+
+    Attention rotates each query and key by angles proportional to its position, so that their dot product
+    depends on how far apart they are, not where they are. Nothing is learned: the tables are computed once,
+    as non-persistent buffers, which follow the model's device but stay out of its state dict.
+    """
+
+    def __init__(self, head_size: int, max_len: int, base: float = ROPE_BASE):
+        super().__init__()
+        # channel pair i turns at frequency base^(-2i / head_size): from one radian per position to very slow
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, start: int, length: int) -> Rope:
+        """The tables of positions start..start+length-1 (during decoding, start is the KV cache position)."""
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate the channel pairs (i, i + head_size/2) of x (B, nh, T, hs): Llama's half-split layout."""
+    cos, sin = rope
+    # in fp32 and back: under autocast the queries are bf16 but the tables fp32, and SDPA needs one dtype
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -100,14 +176,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.layer = layer  # index into the KV cache
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:
+            # unit-RMS queries and keys bound the attention logits, which keeps high learning rates stable
+            q = F.rms_norm(q, (q.size(-1),), eps=NORM_EPS)
+            k = F.rms_norm(k, (k.size(-1),), eps=NORM_EPS)
+        if rope is not None:  # after the norm, as modded-nanogpt: a rotation keeps the RMS anyway
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
@@ -127,27 +210,52 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's feed-forward, 4x wide, with GPT-2's GELU or ReLU² (`mlp="relu2"`)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate) if config.mlp == "gelu" else None
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        # ReLU² (Primer, https://arxiv.org/abs/2109.08668): the speedrun's activation, it learns faster than GELU
+        x = self.gelu(x) if self.gelu is not None else F.relu(x).square()
+        return self.dropout(self.c_proj(x))
+
+
+def swiglu_hidden_size(n_embd: int) -> int:
+    """8/3 * n_embd, rounded up to a multiple of 64: three such matrices hold as many weights as two 4x ones."""
+    return 64 * math.ceil(8 * n_embd / (3 * 64))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward (https://arxiv.org/abs/2002.05202): c_proj(silu(c_gate(x)) * c_fc(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = swiglu_hidden_size(config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -156,21 +264,36 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # Positions: GPT-2 learns an embedding per position; rotary attention needs none, so rope has no wpe.
+        # Built in GPT-2's order (wte, wpe, blocks) so that a seed gives the same initial weights as before.
+        wte = nn.Embedding(config.vocab_size, config.n_embd)
+        wpe = {"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == "learned" else {}
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=wte,
+            **wpe,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
+        self.rotary: Rotary | None = None
+        if config.pos_emb == "rope":
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2 paper: scale the residual projections' init by 1/sqrt(2 * n_layer), two per block.
+        # GPT-2 paper: scale the residual projections' init by 1/sqrt(2 * n_layer), two per block. Zero instead
+        # (modded-nanogpt) starts every block as the identity: the residual stream is the embedding at first.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                torch.nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tie_embeddings:
+            # An untied head starts at zero, as in the speedrun: the first predictions are uniform (loss ln V)
+            # and the head learns its own directions instead of echoing the random embedding.
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -181,11 +304,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters. The token embedding counts (it is the tied head); position embeddings
-        count only with non_embedding=False."""
+        """Number of parameters, each shared tensor once. non_embedding=True (the N of MFU's 6N FLOPs per
+        token) leaves out the lookup tables that do no matmul: the position embeddings, and the token
+        embedding when it is not also the head. A tied token embedding counts, as the head."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n_params -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def forward(
@@ -203,28 +330,46 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {past + T}: the model's block_size is "
                 f"{self.config.block_size}; crop the input to its last {self.config.block_size} tokens"
             )
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(past, T)  # rotary: positions enter in attention, cached keys keep theirs
+        else:
+            x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, rope, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
 
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         # inference-time mini-optimization: only forward the lm_head on the very last position
-        logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+        logits = self.head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
         return logits, None
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states, soft-capped when the config says so."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            # Soft-capping (Gemma 2, modded-nanogpt): logits bounded smoothly to (-cap, cap), so none can run
+            # away and make the loss overconfident early in training.
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length, e.g. to finetune GPT-2 (1024) on shorter blocks."""
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.rotary is not None:
+            self.rotary.cos, self.rotary.sin = self.rotary.cos[:block_size], self.rotary.sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
