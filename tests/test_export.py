@@ -53,6 +53,26 @@ def test_safetensors_export_reloads_every_tensor_exactly(run, tmp_path):
     assert all(torch.equal(reloaded[k], expected[k]) for k in expected)
 
 
+def test_an_untied_head_is_exported_and_required(tmp_path):
+    from gptforge import GPT, GPTConfig
+    from gptforge.checkpoint import save_model
+    from gptforge.errors import GptforgeError
+    from gptforge.export import save_export
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
+    torch.nn.init.normal_(model.lm_head.weight)  # zero at init: make it a tensor a lost head would show
+    save_export(model, tmp_path / "st")
+    assert "lm_head.weight" in load_file(tmp_path / "st" / "model.safetensors")
+    assert torch.equal(load_export(tmp_path / "st").lm_head.weight, model.lm_head.weight)
+    save_model(model, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["model"]["lm_head.weight"]
+    torch.save(state, tmp_path / "headless.pt")
+    with pytest.raises(GptforgeError, match=r"missing \['lm_head\.weight'\]"):
+        load_model(tmp_path / "headless.pt")
+
+
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
 def test_an_export_samples_the_run_s_text(run, tmp_path, fmt):
     export(ExportOptions(out_dir=str(run), format=fmt, to=str(tmp_path / fmt)))

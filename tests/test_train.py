@@ -89,12 +89,27 @@ def test_best_checkpoint_keeps_the_lowest_val_loss(data_dir, tmp_path):
     assert latest["iter_num"] == 30
 
 
-def test_stop_and_resume_is_bit_identical(data_dir, tmp_path):
+MODERN = dict(optimizer="muon", pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False,
+              logit_softcap=15.0, zero_init_proj=True, lr_schedule="wsd", muon_lr=0.05)
+
+
+@pytest.mark.parametrize("options", [{}, MODERN], ids=["gpt2-adamw", "modern-muon"])
+def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch, options):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    train(config(data_dir, whole, max_iters=40))
-    train(config(data_dir, part, max_iters=20))
-    # only the run length changes; everything else comes from the saved config
-    resumed = run_config([], {"init_from": "resume", "out_dir": str(part), "max_iters": "40"})
+    train(config(data_dir, whole, max_iters=40, **options))
+    real_step = Trainer.step
+
+    def interrupted(self):  # Ctrl-C during step 22: the loop finishes it, checkpoints at 23 and stops
+        if self.progress.iter_num == 22:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "step", interrupted)
+        assert train(config(data_dir, part, max_iters=40, **options)).iter_num == 23
+    assert load_checkpoint(part)["iter_num"] == 23
+    # everything comes from the saved config
+    resumed = run_config([], {"init_from": "resume", "out_dir": str(part)})
     assert resumed.dropout == 0.1 and resumed.n_embd == 32
     train(resumed)
     assert step_losses(part) == step_losses(whole)

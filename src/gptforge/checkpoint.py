@@ -169,7 +169,9 @@ def load_model(
     model = GPT(GPTConfig.from_dict(model_args))
     state_dict = clean_state_dict(ckpt["model"])
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or "transformer.wte.weight" not in state_dict]
+    # a tied head is the embedding: writers that store the shared tensor once omit it
+    tied = model.config.tie_embeddings and "transformer.wte.weight" in state_dict
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise GptforgeError(
             f"{path} does not match its own model_args: missing {missing[:5]}, unexpected {unexpected[:5]}"

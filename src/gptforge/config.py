@@ -181,6 +181,21 @@ class TrainConfig:
     seed: int = 1337
     keep_last: int = 0  # older checkpoints kept besides the latest and the best
     parallelism: typing.Literal["ddp", "fsdp"] = "ddp"
+    # gptforge: modern architecture (model.GPTConfig; the defaults are GPT-2) and optimizer, see docs/speedrun.md
+    pos_emb: typing.Literal["learned", "rope"] = "learned"
+    norm: typing.Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: typing.Literal["gelu", "relu2", "swiglu"] = "gelu"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None
+    zero_init_proj: bool = False
+    optimizer: typing.Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02  # peak LR of Muon's hidden matrices (learning_rate drives the AdamW groups)
+    muon_momentum: float = 0.95
+    embed_lr: float | None = None  # muon only: AdamW LR of the embeddings (None: learning_rate)
+    head_lr: float | None = None  # muon only: AdamW LR of the output head (None: learning_rate)
+    lr_schedule: typing.Literal["cosine", "wsd"] = "cosine"  # wsd: warm-up, stable, linear decay
+    cooldown_frac: float = 0.4  # wsd: the share of max_iters spent decaying to min_lr
 
     def __post_init__(self) -> None:
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
@@ -197,6 +212,10 @@ class TrainConfig:
             raise GptforgeError(f"--backend={self.backend!r} is not one of auto, nccl, gloo")
         if not 0.0 <= self.dropout < 1.0:
             raise GptforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise GptforgeError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise GptforgeError(f"--logit_softcap must be positive or None, got {self.logit_softcap}")
 
 
 def resolve_device(device: str) -> str:

@@ -29,7 +29,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "gptforge_tokenizer.json"
 FORMAT = "gptforge"  # config.json's "format" in a safetensors export; HF's config.json has none
-TIED_HEAD = "lm_head.weight"  # the same tensor as transformer.wte.weight; safetensors stores no aliases
+TIED_HEAD = "lm_head.weight"  # when tied, the same tensor as transformer.wte.weight; safetensors stores no aliases
 
 
 @dataclass
@@ -64,7 +64,8 @@ def export(opts: ExportOptions) -> Path:
 def save_export(model: GPT, directory: str | Path) -> None:
     """gptforge's state dict as `model.safetensors` and its `GPTConfig` as `config.json`, both atomically."""
     directory = Path(directory)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+    tied = model.config.tie_embeddings
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == TIED_HEAD)}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {"format": FORMAT, "gptforge_version": __version__, "model_args": dataclasses.asdict(model.config)}
@@ -89,7 +90,7 @@ def load_export(directory: str | Path) -> GPT:
     model = GPT(GPTConfig.from_dict({**model_args, "dropout": 0.0}))
     tensors = load_file(directory / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if [k for k in missing if k != TIED_HEAD] or unexpected:
+    if [k for k in missing if not (model.config.tie_embeddings and k == TIED_HEAD)] or unexpected:
         raise GptforgeError(f"{directory / WEIGHTS_FILE} does not match its {CONFIG_FILE}: missing "
                             f"{missing[:5]}, unexpected {unexpected[:5]}")
     return model

@@ -34,10 +34,11 @@ from gptforge.data import Batches, Meta, TokenDataset
 from gptforge.errors import GptforgeError
 from gptforge.metrics import MetricsLog
 from gptforge.model import GPT, GPTConfig
-from gptforge.optim import cosine_lr
+from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
 
-# Config keys that fix the model's shape: a resumed run must not change them.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+# Config keys that are the model's (GPTConfig fields): a resumed run must not change them.
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "qk_norm",
+              "tie_embeddings", "logit_softcap", "zero_init_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -115,8 +116,9 @@ class Trainer:
                 f"dataset {cfg.dataset} has {self.meta.vocab_size} tokens but the model only {self.raw.config.vocab_size}"
             )
         self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
-        self.optimizer = self.raw.configure_optimizers(
-            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device_type
+        self.optimizer = build_optimizer(
+            self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device_type,
+            muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, embed_lr=cfg.embed_lr, head_lr=cfg.head_lr,
         )
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
         self.progress = Progress()
@@ -136,32 +138,33 @@ class Trainer:
     def _build_model(self, ckpt: dict[str, Any] | None) -> GPT:
         cfg = self.cfg
         if ckpt is not None:
-            saved = ckpt["model_args"]
-            wanted = {k: getattr(cfg, k) for k in SHAPE_KEYS if k != "vocab_size"}
-            changed = {k: (saved[k], v) for k, v in wanted.items() if saved.get(k) != v}
+            saved = GPTConfig.from_dict({**ckpt["model_args"], "dropout": cfg.dropout})
+            changed = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_KEYS if getattr(saved, k) != getattr(cfg, k)}
             if changed:
                 diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
                 raise GptforgeError(f"cannot resume {self.out_dir}: the config changes the model shape ({diffs})")
-            return GPT(GPTConfig.from_dict({**saved, "dropout": cfg.dropout}))
+            return GPT(saved)
         if cfg.init_from == "scratch":
             # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they are
             vocab_size = 50304 if self.meta.tokenizer.get("kind") == "gpt2" else self.meta.vocab_size
-            return GPT(GPTConfig(
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout,
-            ))
+            model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+            return GPT(GPTConfig(**model_args, vocab_size=vocab_size, dropout=cfg.dropout))
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         elif cfg.block_size > model.config.block_size:
             raise GptforgeError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s {model.config.block_size}")
         # the run's config records the shape it really trains
-        self.cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
+        self.cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS})
         return model
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
                        optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        # the saved groups carry the old run's peak LRs; this run's options decide them (e.g. a new --learning_rate)
+        for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
+            group["base_lr"] = base_lr
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["data"])
@@ -197,10 +200,10 @@ class Trainer:
         try:
             while True:
                 it = p.iter_num
-                lr = cosine_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
-                    if cfg.decay_lr else cfg.learning_rate
+                factor = self.lr_factor(it)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group["base_lr"] * factor
+                lr = cfg.learning_rate * factor
                 final = it >= cfg.max_iters
                 if final and it == resumed_at:
                     bar.write(f"{cfg.out_dir} is already at iter {it}; pass a larger --max_iters to train on")
@@ -245,6 +248,16 @@ class Trainer:
                 wandb.finish()
             self.batches.close()
         return p
+
+    def lr_factor(self, it: int) -> float:
+        """The schedule at iteration `it` as a fraction of the peak: every param group's LR is its peak times it."""
+        cfg = self.cfg
+        if not cfg.decay_lr:
+            return 1.0
+        floor = cfg.min_lr / cfg.learning_rate
+        if cfg.lr_schedule == "wsd":
+            return wsd_lr(it, 1.0, cfg.warmup_iters, cfg.max_iters, cfg.cooldown_frac, floor)
+        return cosine_lr(it, 1.0, cfg.warmup_iters, cfg.lr_decay_iters, floor)
 
     def step(self) -> torch.Tensor:
         """One optimizer step over this process's share of the global batch; returns its mean loss."""
