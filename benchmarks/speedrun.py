@@ -9,7 +9,8 @@ Each run is `gptforge train CONFIG` in a subprocess with `--eval_iters=200` (so 
 and an `eval_interval` of the config's `max_iters / --evals`, so both runs are evaluated about as often over
 their own length. Times are the run's `elapsed_s` from its metrics.jsonl: training steps only, evals and
 checkpoints excluded. The script prints each run's val loss against elapsed seconds and tokens seen, the time
-each first reaches `--target` (at an eval; a run that never does shows "-"), the ratio of the two, and both val
+each first reaches `--target` (at an eval; a run that never does shows "-"), the ratio of the two (a baseline that
+never reaches the target is timed at its end, marked "end": the speedrun must beat its whole run), and both val
 losses at equal wall time: the speedrun's end, with the baseline's curve interpolated linearly between evals.
 `--rounds=N` repeats the pair, alternating which goes first.
 
@@ -144,12 +145,14 @@ def side_by_side(args: argparse.Namespace, data_dir: Path, work: Path) -> None:
     for round_ in range(args.rounds):
         base, fast = results["baseline"][round_], results["speedrun"][round_]
         b, s = first_reach(base, args.target), first_reach(fast, args.target)
-        ratio = s[1] / b[1] if b and s else None
+        base_time = f"{b[1]:.1f} (iter {b[0]})" if b else f"> {base[-1][1]:.1f} (end: {base[-1][2]:.4f})"
+        b = b or (base[-1][0], base[-1][1])
+        ratio = s[1] / b[1] if s else None
         if ratio is not None:
             ratios.append(ratio)
         end = fast[-1][1]
         base_loss = loss_at(base, end)
-        print(f"| {round_ + 1} | {f'{b[1]:.1f} (iter {b[0]})' if b else '-'} "
+        print(f"| {round_ + 1} | {base_time} "
               f"| {f'{s[1]:.1f} (iter {s[0]})' if s else '-'} | {f'{ratio:.2f}' if ratio else '-'} | {end:.1f} "
               f"| {f'{base_loss:.4f}' if base_loss is not None else '-'} | {fast[-1][2]:.4f} |")
     if len(ratios) > 1:
