@@ -149,7 +149,9 @@ SHIPPED = {
 
 
 def test_every_shipped_config_is_checked():
-    assert sorted(p.name for p in CONFIGS.glob("*.toml")) == sorted(SHIPPED)
+    # the speedrun presets have no nanoGPT equivalent: tests/test_speedrun_configs.py checks them
+    nanogpt_equivalents = [p.name for p in CONFIGS.glob("*.toml") if not p.name.startswith("speedrun_")]
+    assert sorted(nanogpt_equivalents) == sorted(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
