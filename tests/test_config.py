@@ -34,8 +34,12 @@ def test_split_args():
     positional, options = split_args(["configs/a.toml", "--max_iters=5", "--learning-rate=1e-3", "b.py"])
     assert positional == ["configs/a.toml", "b.py"]
     assert options == {"max_iters": "5", "learning_rate": "1e-3"}
+    assert split_args(["--compile"]) == ([], {"compile": "True"})  # a bare flag is True
+    assert apply_overrides(Options(), split_args(["--compile"])[1]).compile is True
     with pytest.raises(GptforgeError, match="--key=value"):
-        split_args(["--compile"])
+        split_args(["--=3"])
+    with pytest.raises(GptforgeError, match="--max_iters=True is not an integer"):
+        apply_overrides(Options(), split_args(["--max_iters"])[1])
 
 
 def test_values_are_coerced_to_field_types():

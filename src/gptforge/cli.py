@@ -26,6 +26,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
         "prepare": ("tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json", _prepare),
         "train": ("train, finetune or resume a model (under torchrun: on many processes)", _train),
         "sample": ("generate text from a run, GPT-2 or a model directory, streamed to stdout", _sample),
+        "eval": ("score a run or GPT-2: val loss/bpb, WikiText-2, LAMBADA, HellaSwag", _eval),
         "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
         "bench": ("time the training step of a model shape: ms/iter, tokens/s, MFU", _bench),
         "plot": ("draw a run's loss curves from OUT_DIR/metrics.jsonl to a PNG", _plot),
@@ -98,6 +99,14 @@ def _sample(argv: list[str]) -> None:
 
     if parsed := _parse(argv, "usage: gptforge sample [--key=value ...]", SampleOptions()):
         sample(parsed[1])
+
+
+def _eval(argv: list[str]) -> None:
+    from gptforge.evaluate import EvalOptions, evaluate
+
+    usage = "usage: gptforge eval --task=val|wikitext2|lambada|hellaswag [--out_dir=RUN | --init_from=gpt2|DIR]"
+    if parsed := _parse(argv, usage, EvalOptions()):
+        evaluate(parsed[1])
 
 
 def _export(argv: list[str]) -> None:

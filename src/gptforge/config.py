@@ -24,15 +24,18 @@ T = TypeVar("T")
 
 
 def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Split `argv` into positional arguments and a `{key: raw value}` dict of `--key=value` options."""
+    """Split `argv` into positional arguments and a `{key: raw value}` dict of `--key=value` options; a bare
+    `--flag` is `--flag=True`."""
     positional, options = [], {}
     for arg in argv:
         if not arg.startswith("--"):
             positional.append(arg)
             continue
         key, sep, value = arg[2:].partition("=")
-        if not sep or not key:
+        if not key:
             raise GptforgeError(f"option {arg!r} is not of the form --key=value")
+        if not sep:
+            value = "True"
         options[key.replace("-", "_")] = value
     return positional, options
 

@@ -323,6 +323,18 @@ class GPT(nn.Module):
 
         With a `kv_cache`, `idx` holds the tokens that follow the `kv_cache.pos` cached ones.
         """
+        x = self.hidden_states(idx, kv_cache)
+        if targets is not None:
+            logits = self.head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        # inference-time mini-optimization: only forward the lm_head on the very last position
+        logits = self.head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+        return logits, None
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, n_embd) that `head` turns into logits; scoring applies the
+        head only at the positions it scores."""
         T = idx.size(1)
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -342,14 +354,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
-
-        if targets is not None:
-            logits = self.head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
-        # inference-time mini-optimization: only forward the lm_head on the very last position
-        logits = self.head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
-        return logits, None
+        return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the final hidden states, soft-capped when the config says so."""

@@ -14,13 +14,11 @@ from typing import Literal, TextIO
 
 import torch
 
-from gptforge import export
 from gptforge.config import resolve_device, resolve_dtype
 from gptforge.errors import GptforgeError
 from gptforge.generate import optimize_for_decoding, stream
-from gptforge.model import GPT
-from gptforge.runs import load_run
-from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
+from gptforge.source import load_source
+from gptforge.tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
@@ -89,19 +87,6 @@ class TextStream:
         return text
 
 
-def load_source(opts: SampleOptions) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer that `init_from` names: a run, a gptforge export, or HF GPT-2."""
-    if opts.init_from == "resume":
-        run = load_run(opts.out_dir, opts.which, opts.data_dir)
-        return run.model, run.tokenizer
-    if export.is_export(opts.init_from):
-        model = export.load_export(opts.init_from)
-    else:
-        model = GPT.from_pretrained(opts.init_from, override_args={"dropout": 0.0})
-    tokenizer = export.load_tokenizer(opts.init_from) if Path(opts.init_from).is_dir() else None
-    return model, tokenizer or GPT2Tokenizer()
-
-
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
     """The ids of `--start` (text, or FILE:path); an empty prompt starts from end-of-text where there is one."""
     if start.startswith("FILE:"):
@@ -123,7 +108,8 @@ class Sampler:
 
     def __init__(self, opts: SampleOptions):
         self.opts = opts
-        model, self.tokenizer = load_source(opts)
+        source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
+        model, self.tokenizer = source.model, source.tokenizer
         self.device = resolve_device(opts.device)
         dtype = getattr(torch, resolve_dtype(opts.dtype, self.device))
         # Decoding streams every weight once per token, so the weights themselves take the dtype (half the

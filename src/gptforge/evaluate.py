@@ -1,0 +1,404 @@
+"""`gptforge eval`: score a run or a pretrained model on its val split, WikiText-2, LAMBADA and HellaSwag.
+
+Every task reduces to one primitive: sequences of tokens of which a suffix is scored, each scored token given all
+the tokens before it (`score`). Sequences are sorted by length and forwarded in padded batches (right padding:
+causal attention never lets a padded position change a real one); the head runs only at the scored positions,
+and log-probabilities are summed in float64. So results do not depend on the batch size beyond float rounding.
+
+- `val`: the run's whole val split in non-overlapping windows of block_size (+1 target): every token but the
+  first scored once. `loss` (mean NLL per token, nats), `ppl`, and `bpb`: bits per UTF-8 byte of the text the
+  scored tokens decode to, end-of-text tokens left out of both sums, so char and BPE models compare.
+- `wikitext2`: wiki.test.raw tokenized once, windows of block_size every `stride` tokens (default block_size/2),
+  each token scored once with the most context its window gives: `loss`, token `ppl`, `bpb`.
+- `lambada`: context `text.rsplit(" ", 1)[0]`, target `" " + last word`; `acc`: every target token is the greedy
+  argmax; `ppl`: exp(-mean over passages of the target's summed log-likelihood) (lm-eval-harness's convention).
+- `hellaswag`: each ending's `" " + ending` tokens scored after the context; `acc` picks the highest sum,
+  `acc_norm` the highest sum per ending token (llm.c's way).
+"""
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gptforge import eval_data
+from gptforge.atomic import atomic_write_text
+from gptforge.config import resolve_device, resolve_dtype
+from gptforge.data import TokenDataset
+from gptforge.errors import GptforgeError
+from gptforge.mirror import mirror_dir
+from gptforge.model import GPT
+from gptforge.source import Source, load_source
+from gptforge.tokenizer import Tokenizer
+
+TASKS = ("val", "wikitext2", "lambada", "hellaswag")
+DTYPES = ("float32", "bfloat16", "float16")
+RESULTS_FILE = "eval.json"
+HEAD_CHUNK = 1 << 26  # logits computed at once (elements): 256 MiB in float32, whatever the vocabulary
+
+
+@dataclass
+class EvalOptions:
+    task: str = field(default="val", metadata={"help": f"{', '.join(TASKS)}, or several: --task=lambada,hellaswag"})
+    init_from: str = field(
+        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
+    )
+    out_dir: str = field(default="out", metadata={"help": "the run to evaluate (init_from=resume)"})
+    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "where datasets live (default: the run's, else data); downloads go to DATA_DIR/evals"},
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "the prepared dataset whose val split `val` scores (default: the run's)"}
+    )
+    mirror: str | None = field(
+        default=None, metadata={"help": "local mirror tried before downloading (default: $GPTFORGE_DATA_MIRROR)"}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "only the first N examples (windows for val and wikitext2)"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
+    stride: int | None = field(default=None, metadata={"help": "wikitext2 window step (default: block_size/2)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+    json: bool = field(default=False, metadata={"help": "end stdout with one JSON line per task"})
+    to: str | None = field(
+        default=None,
+        metadata={"help": "results file (default: RUN/eval.json, DIR/eval.json, or ./eval-NAME.json for a hub name)"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks() if t not in TASKS]
+        if unknown or not self.tasks():
+            raise GptforgeError(f"--task={self.task}: choose from {', '.join(TASKS)} (comma-separated for several)")
+        if self.limit is not None and self.limit < 1:
+            raise GptforgeError(f"--limit={self.limit} must be at least 1, or None for all")
+        if self.batch_size < 1:
+            raise GptforgeError(f"--batch_size={self.batch_size} must be at least 1")
+        if self.stride is not None and self.stride < 1:
+            raise GptforgeError(f"--stride={self.stride} must be at least 1")
+        if self.dtype not in ("auto", *DTYPES):
+            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+    def tasks(self) -> list[str]:
+        return [t.strip() for t in self.task.split(",") if t.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class Request:
+    """A sequence to score: each of `tokens[score_from:]` given all the tokens before it (score_from >= 1)."""
+
+    tokens: Sequence[int]
+    score_from: int
+
+
+@dataclass
+class Scored:
+    """Per scored token: its log-probability and whether it was the model's greedy (argmax) choice."""
+
+    logprobs: np.ndarray  # float64
+    greedy: np.ndarray  # bool
+
+
+class Scorer:
+    """A model on a device, in eval mode, scoring batches of requests at a dtype."""
+
+    def __init__(self, model: GPT, device: str = "cpu", dtype: str = "float32", batch_size: int = 32,
+                 progress: bool = True):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.dtype = getattr(torch, dtype)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def score(self, groups: Sequence[Sequence[Request]], desc: str = "") -> list[list[Scored]]:
+        """The scores of every request, grouped as given. A group (a task's endings) is never split across
+        batches; a sequence longer than the model's context loses its oldest tokens."""
+        block = self.model.config.block_size
+        groups = [[fit_context(r, block) for r in group] for group in groups]
+        # Longest first: padding stays small, and the largest batch (the memory peak) comes at once.
+        order = sorted(range(len(groups)), key=lambda i: -max(len(r.tokens) for r in groups[i]))
+        results: list[list[Scored]] = [[] for _ in groups]
+        total = sum(len(r.tokens) - 1 for group in groups for r in group)
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not self.progress,
+                  leave=False) as bar:
+            for batch in self._batches(order, groups):
+                rows = [r for i in batch for r in groups[i]]
+                scored = self._score_rows(rows)
+                for i in batch:
+                    results[i], scored = scored[:len(groups[i])], scored[len(groups[i]):]
+                bar.update(sum(len(r.tokens) - 1 for r in rows))
+        return results
+
+    def _batches(self, order: list[int], groups: list[list[Request]]) -> Iterator[list[int]]:
+        batch: list[int] = []
+        rows = 0
+        for i in order:
+            if batch and rows + len(groups[i]) > self.batch_size:
+                yield batch
+                batch, rows = [], 0
+            batch.append(i)
+            rows += len(groups[i])
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def _score_rows(self, rows: list[Request]) -> list[Scored]:
+        width = max(len(r.tokens) for r in rows) - 1
+        inputs = np.zeros((len(rows), width), dtype=np.int64)
+        targets = np.full((len(rows), width), -1, dtype=np.int64)
+        for j, r in enumerate(rows):
+            tokens = np.asarray(r.tokens, dtype=np.int64)
+            inputs[j, :len(tokens) - 1] = tokens[:-1]
+            targets[j, r.score_from - 1:len(tokens) - 1] = tokens[r.score_from:]
+        x = torch.from_numpy(inputs).to(self.device)
+        y = torch.from_numpy(targets).to(self.device)
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model.hidden_states(x)
+            scored = y >= 0
+            hidden, wanted = hidden[scored], y[scored]
+            logprobs, greedy = [], []
+            step = max(1, HEAD_CHUNK // self.model.config.vocab_size)
+            for h, t in zip(hidden.split(step), wanted.split(step), strict=True):
+                logits = self.model.head(h).float()
+                logprobs.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1))
+                greedy.append(logits.argmax(dim=-1) == t)
+        counts = scored.sum(dim=1).tolist()
+        logprob = torch.cat(logprobs).double().cpu().numpy()
+        is_greedy = torch.cat(greedy).cpu().numpy()
+        splits = np.cumsum(counts)[:-1]
+        return [Scored(lp, g) for lp, g in zip(np.split(logprob, splits), np.split(is_greedy, splits), strict=True)]
+
+
+def fit_context(request: Request, block_size: int) -> Request:
+    """`request` cut to the model's context (block_size inputs + 1): the oldest context tokens go first."""
+    extra = len(request.tokens) - (block_size + 1)
+    if extra <= 0:
+        return request
+    if request.score_from - extra < 1:
+        raise GptforgeError(
+            f"a {len(request.tokens) - request.score_from}-token continuation does not fit the model's "
+            f"block_size of {block_size}"
+        )
+    return Request(request.tokens[extra:], request.score_from - extra)
+
+
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) of windows over n tokens: tokens[begin:end] with its tokens from
+    begin + score_from on scored; every token but the first scored exactly once."""
+    if stride > block_size:
+        raise GptforgeError(f"--stride={stride} is larger than block_size={block_size}: tokens would go unscored")
+    spans = []
+    begin, scored_to = 0, 1  # the first token has no context to be scored with
+    while scored_to < n:
+        end = min(begin + block_size + 1, n)
+        spans.append((begin, end, scored_to - begin))
+        scored_to = end
+        begin += stride
+    return spans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks: each turns its data into requests and the scores into metrics.
+
+
+@dataclass
+class Context:
+    """What a task needs besides the scorer: the model's tokenizer and the command's options."""
+
+    source: Source
+    opts: EvalOptions
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.source.tokenizer
+
+    def encode(self, text: str, task: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text)
+        except GptforgeError as e:
+            raise GptforgeError(
+                f"--task={task}: this model's {self.tokenizer.kind} tokenizer cannot encode the task's text "
+                f"({str(e).split(';')[0]}); evaluate {task} with a GPT-2 or byte-level BPE model"
+            ) from None
+        if ids and max(ids) >= self.source.model.config.vocab_size:
+            raise GptforgeError(f"--task={task}: the text has token ids the model's vocabulary does not have")
+        return ids
+
+    def context_ids(self, text: str, task: str) -> list[int]:
+        """A context's ids; an empty one is end-of-text, as the harnesses give it, so the first token has one."""
+        ids = self.encode(text, task)
+        if not ids:
+            if self.tokenizer.eot_token is None:
+                raise GptforgeError(f"--task={task}: an empty context, and the tokenizer has no end-of-text token")
+            ids = [self.tokenizer.eot_token]
+        return ids
+
+    def cache(self) -> Path:
+        return Path(self.opts.data_dir or "data") / "evals"
+
+    def first(self, items: list) -> list:
+        return items[: self.opts.limit] if self.opts.limit else items
+
+
+def perplexity_metrics(tokens: np.ndarray, scored: list[Scored], tokenizer: Tokenizer) -> dict[str, Any]:
+    """loss/ppl over `tokens[1:]` (the tokens the windows scored, in order) and bits per byte of their text."""
+    logprobs = np.concatenate([s.logprobs for s in scored])
+    targets = np.asarray(tokens[1:1 + len(logprobs)])
+    loss = -float(logprobs.mean())
+    text = targets if tokenizer.eot_token is None else targets[targets != tokenizer.eot_token]
+    nats = -float(logprobs.sum() if tokenizer.eot_token is None else logprobs[targets != tokenizer.eot_token].sum())
+    n_bytes = len(tokenizer.decode(text.tolist()).encode("utf-8"))
+    return {"n": len(scored), "tokens": len(logprobs), "loss": loss, "ppl": math.exp(loss),
+            "bpb": nats / math.log(2) / max(n_bytes, 1)}
+
+
+def window_requests(tokens: np.ndarray, block_size: int, stride: int, limit: int | None) -> list[list[Request]]:
+    spans = windows(len(tokens), block_size, stride)[:limit]
+    return [[Request(tokens[begin:end], score_from)] for begin, end, score_from in spans]
+
+
+def task_val(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+    directory = ctx.source.dataset
+    if ctx.opts.dataset:
+        directory = Path(ctx.opts.data_dir or "data") / ctx.opts.dataset
+    if directory is None:
+        raise GptforgeError("--task=val needs a prepared dataset: name it with --dataset=NAME (e.g. openwebtext)")
+    with TokenDataset(directory, "val") as split:
+        tokens = np.array(split.tokens, dtype=np.int64)
+    if int(tokens.max()) >= ctx.source.model.config.vocab_size:
+        raise GptforgeError(f"{directory}/val.bin has token ids this model's vocabulary does not have")
+    block = ctx.source.model.config.block_size
+    groups = window_requests(tokens, block, block, ctx.opts.limit)
+    return perplexity_metrics(tokens, [g[0] for g in scorer.score(groups, "val")], ctx.tokenizer)
+
+
+def task_wikitext2(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+    block = ctx.source.model.config.block_size
+    stride = ctx.opts.stride or max(1, block // 2)
+    windows(0, block, stride)  # a bad stride fails before the work
+    text = eval_data.wikitext2(mirror_dir(ctx.opts.mirror), ctx.cache())
+    tokens = np.asarray(ctx.encode(text, "wikitext2"), dtype=np.int64)
+    groups = window_requests(tokens, block, stride, ctx.opts.limit)
+    metrics = perplexity_metrics(tokens, [g[0] for g in scorer.score(groups, "wikitext2")], ctx.tokenizer)
+    return {**metrics, "stride": stride}
+
+
+def task_lambada(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+    passages = ctx.first(eval_data.lambada(mirror_dir(ctx.opts.mirror), ctx.cache()))
+    groups = []
+    for text in passages:
+        context, word = text.rsplit(" ", 1)
+        ids = ctx.context_ids(context, "lambada")
+        groups.append([Request(ids + ctx.encode(" " + word, "lambada"), len(ids))])
+    scored = [g[0] for g in scorer.score(groups, "lambada")]
+    return {
+        "n": len(scored),
+        "acc": float(np.mean([s.greedy.all() for s in scored])),
+        "ppl": math.exp(-float(np.mean([s.logprobs.sum() for s in scored]))),
+    }
+
+
+def task_hellaswag(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+    tasks = ctx.first(eval_data.hellaswag(mirror_dir(ctx.opts.mirror), ctx.cache()))
+    groups = []
+    for task in tasks:
+        ids = ctx.context_ids(task.context, "hellaswag")
+        groups.append([Request(ids + ctx.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings])
+    correct = correct_norm = 0
+    for task, scored in zip(tasks, scorer.score(groups, "hellaswag"), strict=True):
+        sums = np.array([s.logprobs.sum() for s in scored])
+        correct += int(np.argmax(sums)) == task.label
+        correct_norm += int(np.argmax(sums / [len(s.logprobs) for s in scored])) == task.label
+    return {"n": len(tasks), "acc": correct / len(tasks), "acc_norm": correct_norm / len(tasks)}
+
+
+TASK_FUNCTIONS: dict[str, Callable[[Scorer, Context], dict[str, Any]]] = {
+    "val": task_val, "wikitext2": task_wikitext2, "lambada": task_lambada, "hellaswag": task_hellaswag,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def results_path(opts: EvalOptions, source: Source) -> Path:
+    if opts.to:
+        return Path(opts.to)
+    if source.directory is not None:
+        return source.directory / RESULTS_FILE
+    return Path(f"eval-{Path(source.name).name}.json")
+
+
+def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str, Any]]:
+    """Run each task of `opts`, print a table (and JSON lines), merge the results into the results file."""
+    out = out or sys.stdout
+    source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
+    path = results_path(opts, source)
+    saved = read_results(path)  # before any work: a file that cannot take the results fails now
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
+    ctx = Context(source, opts)
+    results = {}
+    for task in opts.tasks():
+        metrics = TASK_FUNCTIONS[task](scorer, ctx)
+        results[task] = {"task": task, **metrics}
+    about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,
+             "limit": opts.limit}
+    atomic_write_text(path, json.dumps({**saved, **{t: {**m, **about} for t, m in results.items()}}, indent=2) + "\n")
+    out.write(format_table(results) + f"\nwrote {path}\n")
+    if opts.json:
+        for metrics in results.values():
+            out.write(json.dumps(metrics) + "\n")
+    out.flush()
+    return results
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results already in `path` (one entry per task; a new run of a task replaces its entry)."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise GptforgeError(f"{path} is not a JSON results file; move it away or pass --to=FILE")
+    return saved
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per task, one column per metric that any task has."""
+    columns = [c for c in ("n", "tokens", "acc", "acc_norm", "loss", "ppl", "bpb")
+               if any(c in m for m in results.values())]
+    rows = [["task", *columns]]
+    for task, metrics in results.items():
+        rows.append([task, *(_cell(metrics.get(c)) for c in columns)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))) for row in rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}"
+

@@ -1,0 +1,44 @@
+"""Where a model comes from for the commands that use one (sample, eval, serve): `init_from` names a training
+run (`resume`, with `out_dir`), a directory written by `gptforge export` or transformers, or an HF GPT-2
+(`gpt2`, `gpt2-medium`, ...). Each comes with the tokenizer it was trained with.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from gptforge import export
+from gptforge.model import GPT
+from gptforge.runs import dataset_dir, load_run
+from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
+
+
+@dataclass
+class Source:
+    """A model (on the CPU, dropout off), its tokenizer, and the directory it was read from (None: a hub name)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    directory: Path | None
+    name: str  # how to call it in reports: the run or directory path, or the hub name
+    dataset: Path | None = None  # a run's dataset directory
+    iter_num: int | None = None  # a run's checkpoint iteration
+
+
+def load_source(
+    init_from: str, out_dir: str = "out", which: Literal["best", "latest"] = "best", data_dir: str | None = None
+) -> Source:
+    """The model and tokenizer that `init_from` names."""
+    if init_from == "resume":
+        run = load_run(out_dir, which, data_dir)
+        path = Path(out_dir)
+        directory = path if path.is_dir() else path.parent
+        dataset = dataset_dir(run.checkpoint, data_dir)
+        return Source(run.model, run.tokenizer, directory, out_dir, dataset, run.checkpoint.get("iter_num"))
+    if export.is_export(init_from):
+        model = export.load_export(init_from)
+    else:
+        model = GPT.from_pretrained(init_from, override_args={"dropout": 0.0})
+    directory = Path(init_from) if Path(init_from).is_dir() else None
+    tokenizer = export.load_tokenizer(directory) if directory is not None else None
+    return Source(model, tokenizer or GPT2Tokenizer(), directory, init_from)
