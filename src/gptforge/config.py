@@ -188,6 +188,7 @@ class TrainConfig:
     pos_emb: typing.Literal["learned", "rope"] = "learned"
     norm: typing.Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: typing.Literal["gelu", "relu2", "swiglu"] = "gelu"
+    gelu_approximate: typing.Literal["tanh", "none"] = "tanh"  # GPT-2's tanh GELU; "none": nanoGPT's exact erf
     qk_norm: bool = False
     tie_embeddings: bool = True
     logit_softcap: float | None = None

@@ -128,23 +128,27 @@ class Scorer:
     def score(self, groups: Sequence[Sequence[Request]], desc: str = "") -> list[list[Scored]]:
         """The scores of every request, grouped as given. A group (a task's endings) is never split across
         batches; a sequence longer than the model's context loses its oldest tokens."""
-        block = self.model.config.block_size
-        groups = [[fit_context(r, block) for r in group] for group in groups]
-        # Longest first: padding stays small, and the largest batch (the memory peak) comes at once.
-        order = sorted(range(len(groups)), key=lambda i: -max(len(r.tokens) for r in groups[i]))
+        groups = self.fit(groups)
         results: list[list[Scored]] = [[] for _ in groups]
         total = sum(len(r.tokens) - 1 for group in groups for r in group)
         with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not self.progress,
                   leave=False) as bar:
-            for batch in self._batches(order, groups):
+            for batch in self.batches(groups):
                 rows = [r for i in batch for r in groups[i]]
-                scored = self._score_rows(rows)
+                scored = self._score_rows(*self.tensors(rows))
                 for i in batch:
                     results[i], scored = scored[:len(groups[i])], scored[len(groups[i]):]
                 bar.update(sum(len(r.tokens) - 1 for r in rows))
         return results
 
-    def _batches(self, order: list[int], groups: list[list[Request]]) -> Iterator[list[int]]:
+    def fit(self, groups: Sequence[Sequence[Request]]) -> list[list[Request]]:
+        """The requests cut to the model's context."""
+        return [[fit_context(r, self.model.config.block_size) for r in group] for group in groups]
+
+    def batches(self, groups: list[list[Request]]) -> Iterator[list[int]]:
+        """Indices of the groups of each forward pass: longest first, so padding stays small and the largest
+        batch (the memory peak) comes at once; at most `batch_size` sequences unless one group has more."""
+        order = sorted(range(len(groups)), key=lambda i: -max(len(r.tokens) for r in groups[i]))
         batch: list[int] = []
         rows = 0
         for i in order:
@@ -156,8 +160,8 @@ class Scorer:
         if batch:
             yield batch
 
-    @torch.no_grad()
-    def _score_rows(self, rows: list[Request]) -> list[Scored]:
+    def tensors(self, rows: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of a batch on the device, right-padded; targets of -1 are not scored."""
         width = max(len(r.tokens) for r in rows) - 1
         inputs = np.zeros((len(rows), width), dtype=np.int64)
         targets = np.full((len(rows), width), -1, dtype=np.int64)
@@ -165,8 +169,10 @@ class Scorer:
             tokens = np.asarray(r.tokens, dtype=np.int64)
             inputs[j, :len(tokens) - 1] = tokens[:-1]
             targets[j, r.score_from - 1:len(tokens) - 1] = tokens[r.score_from:]
-        x = torch.from_numpy(inputs).to(self.device)
-        y = torch.from_numpy(targets).to(self.device)
+        return torch.from_numpy(inputs).to(self.device), torch.from_numpy(targets).to(self.device)
+
+    @torch.no_grad()
+    def _score_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[Scored]:
         device_type = torch.device(self.device).type
         with torch.autocast(device_type, self.dtype, enabled=self.dtype != torch.float32):
             hidden = self.model.hidden_states(x)
@@ -273,7 +279,11 @@ def window_requests(tokens: np.ndarray, block_size: int, stride: int, limit: int
     return [[Request(tokens[begin:end], score_from)] for begin, end, score_from in spans]
 
 
-def task_val(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+# A task turns its data into groups of requests, and returns them with what turns their scores into metrics.
+Finish = Callable[[list[list[Scored]]], dict[str, Any]]
+
+
+def task_val(ctx: Context) -> tuple[list[list[Request]], Finish]:
     directory = ctx.source.dataset
     if ctx.opts.dataset:
         directory = Path(ctx.opts.data_dir or "data") / ctx.opts.dataset
@@ -285,50 +295,57 @@ def task_val(scorer: Scorer, ctx: Context) -> dict[str, Any]:
         raise GptforgeError(f"{directory}/val.bin has token ids this model's vocabulary does not have")
     block = ctx.source.model.config.block_size
     groups = window_requests(tokens, block, block, ctx.opts.limit)
-    return perplexity_metrics(tokens, [g[0] for g in scorer.score(groups, "val")], ctx.tokenizer)
+    return groups, lambda scored: perplexity_metrics(tokens, [g[0] for g in scored], ctx.tokenizer)
 
 
-def task_wikitext2(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+def task_wikitext2(ctx: Context) -> tuple[list[list[Request]], Finish]:
     block = ctx.source.model.config.block_size
     stride = ctx.opts.stride or max(1, block // 2)
     windows(0, block, stride)  # a bad stride fails before the work
     text = eval_data.wikitext2(mirror_dir(ctx.opts.mirror), ctx.cache())
     tokens = np.asarray(ctx.encode(text, "wikitext2"), dtype=np.int64)
     groups = window_requests(tokens, block, stride, ctx.opts.limit)
-    metrics = perplexity_metrics(tokens, [g[0] for g in scorer.score(groups, "wikitext2")], ctx.tokenizer)
-    return {**metrics, "stride": stride}
+    return groups, lambda scored: {**perplexity_metrics(tokens, [g[0] for g in scored], ctx.tokenizer),
+                                   "stride": stride}
 
 
-def task_lambada(scorer: Scorer, ctx: Context) -> dict[str, Any]:
-    passages = ctx.first(eval_data.lambada(mirror_dir(ctx.opts.mirror), ctx.cache()))
+def task_lambada(ctx: Context) -> tuple[list[list[Request]], Finish]:
     groups = []
-    for text in passages:
+    for text in ctx.first(eval_data.lambada(mirror_dir(ctx.opts.mirror), ctx.cache())):
         context, word = text.rsplit(" ", 1)
         ids = ctx.context_ids(context, "lambada")
         groups.append([Request(ids + ctx.encode(" " + word, "lambada"), len(ids))])
-    scored = [g[0] for g in scorer.score(groups, "lambada")]
-    return {
-        "n": len(scored),
-        "acc": float(np.mean([s.greedy.all() for s in scored])),
-        "ppl": math.exp(-float(np.mean([s.logprobs.sum() for s in scored]))),
-    }
+
+    def finish(scored: list[list[Scored]]) -> dict[str, Any]:
+        targets = [g[0] for g in scored]
+        return {
+            "n": len(targets),
+            "acc": float(np.mean([s.greedy.all() for s in targets])),
+            "ppl": math.exp(-float(np.mean([s.logprobs.sum() for s in targets]))),
+        }
+
+    return groups, finish
 
 
-def task_hellaswag(scorer: Scorer, ctx: Context) -> dict[str, Any]:
+def task_hellaswag(ctx: Context) -> tuple[list[list[Request]], Finish]:
     tasks = ctx.first(eval_data.hellaswag(mirror_dir(ctx.opts.mirror), ctx.cache()))
     groups = []
     for task in tasks:
         ids = ctx.context_ids(task.context, "hellaswag")
         groups.append([Request(ids + ctx.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings])
-    correct = correct_norm = 0
-    for task, scored in zip(tasks, scorer.score(groups, "hellaswag"), strict=True):
-        sums = np.array([s.logprobs.sum() for s in scored])
-        correct += int(np.argmax(sums)) == task.label
-        correct_norm += int(np.argmax(sums / [len(s.logprobs) for s in scored])) == task.label
-    return {"n": len(tasks), "acc": correct / len(tasks), "acc_norm": correct_norm / len(tasks)}
+
+    def finish(scored: list[list[Scored]]) -> dict[str, Any]:
+        correct = correct_norm = 0
+        for task, endings in zip(tasks, scored, strict=True):
+            sums = np.array([s.logprobs.sum() for s in endings])
+            correct += int(np.argmax(sums)) == task.label
+            correct_norm += int(np.argmax(sums / [len(s.logprobs) for s in endings])) == task.label
+        return {"n": len(tasks), "acc": correct / len(tasks), "acc_norm": correct_norm / len(tasks)}
+
+    return groups, finish
 
 
-TASK_FUNCTIONS: dict[str, Callable[[Scorer, Context], dict[str, Any]]] = {
+TASK_FUNCTIONS: dict[str, Callable[[Context], tuple[list[list[Request]], Finish]]] = {
     "val": task_val, "wikitext2": task_wikitext2, "lambada": task_lambada, "hellaswag": task_hellaswag,
 }
 
@@ -357,7 +374,8 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
     ctx = Context(source, opts)
     results = {}
     for task in opts.tasks():
-        metrics = TASK_FUNCTIONS[task](scorer, ctx)
+        groups, finish = TASK_FUNCTIONS[task](ctx)
+        metrics = finish(scorer.score(groups, task))
         results[task] = {"task": task, **metrics}
     about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,
              "limit": opts.limit}

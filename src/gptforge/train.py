@@ -37,8 +37,8 @@ from gptforge.model import GPT, GPTConfig
 from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
 
 # Config keys that are the model's (GPTConfig fields): a resumed run must not change them.
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "qk_norm",
-              "tie_embeddings", "logit_softcap", "zero_init_proj")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "gelu_approximate",
+              "qk_norm", "tie_embeddings", "logit_softcap", "zero_init_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
