@@ -125,6 +125,74 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, length: int) -> None:
+        self.pos += length
+
+
+class SlotKVCache:
+    """Keys and values of `n_slots` independent sequences, each at its own length: continuous batching's cache.
+
+    A server decodes many requests in one forward: each holds a slot from its prefill until it finishes, and
+    requests join and leave between steps. A step feeds one token to each slot of `rows`, in that order: the
+    busy slots, or every slot so that each step has the same shape (a free slot's result is then ignored), which
+    makes the matmul kernels round each row the same way whichever other rows are busy. Attention runs slot by
+    slot over exactly that slot's keys, for the same reason (docs/serving.md, "Batching"). All memory is
+    allocated here, once.
+    """
+
+    def __init__(
+        self, config: GPTConfig, n_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+        max_len: int | None = None,
+    ):
+        self.config = config
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * n_slots  # positions cached per slot
+        self.busy = [False] * n_slots
+        self.rows = list(range(n_slots))  # the slots the next step feeds
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """The length of each slot of `rows`, (len(rows), 1): where its next token goes."""
+        return torch.tensor([self.lengths[s] for s in self.rows], device=self.k.device).unsqueeze(1)
+
+    def slot(self, index: int) -> KVCache:
+        """A batch-1 KVCache over the storage of slot `index`, empty: prefill a prompt into it, then `occupy`."""
+        view = KVCache(self.config, 1, self.max_len)
+        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
+        return view
+
+    def occupy(self, index: int, length: int) -> None:
+        """Slot `index` now holds a sequence of `length` cached positions."""
+        self.lengths[index], self.busy[index] = length, True
+
+    def copy(self, source: int, target: int) -> None:
+        """Occupy `target` with a copy of `source`'s sequence (several samples of one prompt share its prefill)."""
+        end = self.lengths[source]
+        self.k[:, target, :, :end] = self.k[:, source, :, :end]
+        self.v[:, target, :, :end] = self.v[:, source, :, :end]
+        self.occupy(target, end)
+
+    def free(self, index: int) -> None:
+        self.lengths[index], self.busy[index] = 0, False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new token's keys/values (len(rows), nh, 1, hs) of `layer`, each at its slot's own position;
+        return the whole cache of `layer`, (n_slots, nh, max_len, hs): a slot is valid up to its length + 1."""
+        if k.size(2) != 1:
+            raise ValueError("a SlotKVCache step takes one token per slot; prefill each slot through `slot`")
+        rows, pos = torch.tensor(self.rows, device=k.device), self.pos.squeeze(1)
+        self.k[layer, rows, :, pos] = k[:, :, 0]
+        self.v[layer, rows, :, pos] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+    def advance(self, length: int) -> None:
+        for s in self.rows:
+            if self.busy[s]:
+                self.lengths[s] += length
+
 
 def norm(config: GPTConfig) -> nn.Module:
     """GPT-2's LayerNorm, or RMSNorm (https://arxiv.org/abs/1910.07467): no mean subtraction and no bias,
@@ -153,9 +221,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, start: int, length: int) -> Rope:
-        """The tables of positions start..start+length-1 (during decoding, start is the KV cache position)."""
-        return self.cos[start : start + length], self.sin[start : start + length]
+    def forward(self, start: int | torch.Tensor, length: int) -> Rope:
+        """The tables of positions start..start+length-1 (during decoding, start is the KV cache position).
+        A `start` of shape (B, 1) gives each row its own positions: tables of shape (B, 1, length, hs / 2)."""
+        if isinstance(start, int):
+            return self.cos[start : start + length], self.sin[start : start + length]
+        pos = start + torch.arange(length, device=start.device)
+        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -179,7 +251,9 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.layer = layer  # index into the KV cache
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -191,6 +265,9 @@ class CausalSelfAttention(nn.Module):
             k = F.rms_norm(k, (k.size(-1),), eps=NORM_EPS)
         if rope is not None:  # after the norm, as modded-nanogpt: a rotation keeps the RMS anyway
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if isinstance(kv_cache, SlotKVCache):
+            y = self.attend_per_slot(q, k, v, kv_cache)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
@@ -207,6 +284,20 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_per_slot(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """Each busy slot's new query attends to that slot's keys only, exactly as many as it has; free slots
+        get zeros. One attention call per slot keeps a row's result independent of the other rows' lengths."""
+        keys, values = cache.update(self.layer, k, v)
+        y = torch.zeros_like(q)
+        for row, slot in enumerate(cache.rows):
+            if cache.busy[slot]:
+                end = cache.lengths[slot] + 1  # the cached positions and the new token
+                # slices keep every tensor 4-D: SDPA's fused CPU kernel, not its slower 3-D fallback
+                y[row : row + 1] = F.scaled_dot_product_attention(
+                    q[row : row + 1], keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end]
+                )
+        return y
 
 
 class MLP(nn.Module):
@@ -254,7 +345,9 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | SlotKVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -316,12 +409,13 @@ class GPT(nn.Module):
         return n_params
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and loss. With targets: logits of every position and the mean cross-entropy (targets of
         -1 are ignored). Without: logits of the last position only, shape (B, 1, vocab_size).
 
-        With a `kv_cache`, `idx` holds the tokens that follow the `kv_cache.pos` cached ones.
+        With a `kv_cache`, `idx` holds the tokens that follow the `kv_cache.pos` cached ones; with a
+        `SlotKVCache`, one token per slot, each following its own slot's.
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is not None:
@@ -332,14 +426,15 @@ class GPT(nn.Module):
         logits = self.head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
         return logits, None
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """The final normalized hidden states (B, T, n_embd) that `head` turns into logits; scoring applies the
         head only at the positions it scores."""
         T = idx.size(1)
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + T > self.config.block_size:
+        past = kv_cache.pos if kv_cache is not None else 0  # a SlotKVCache's is (n_slots, 1): each row its own
+        longest = past if isinstance(past, int) else int(past.max())
+        if longest + T > self.config.block_size:
             raise ValueError(
-                f"cannot forward a sequence of length {past + T}: the model's block_size is "
+                f"cannot forward a sequence of length {longest + T}: the model's block_size is "
                 f"{self.config.block_size}; crop the input to its last {self.config.block_size} tokens"
             )
         x = self.transformer.wte(idx)
@@ -347,13 +442,13 @@ class GPT(nn.Module):
         if self.rotary is not None:
             rope = self.rotary(past, T)  # rotary: positions enter in attention, cached keys keep theirs
         else:
-            x = x + self.transformer.wpe(torch.arange(past, past + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(past + torch.arange(T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,296 @@
+"""Continuous batching: one decode loop that serves many completion requests at once.
+
+The `Engine` owns the model on a thread of its own. Jobs (a prompt's token ids, how to sample, how many samples)
+wait in a bounded queue; between two decode steps the waiting jobs take free slots of a `SlotKVCache`, each
+prompt prefilled alone, and then every busy slot advances by one token in a single batched forward. A slot is
+freed as soon as its sample ends (end-of-text, a stop string, `max_tokens`) or its job is cancelled (its client
+went away), and the next waiting job takes it before the next step.
+
+Numerics: a prefill's shape depends on its prompt only, each step has the same shape (`batch_invariant`),
+attention runs slot by slot and every sample draws from its own seeded generator, so a seeded job gives the
+same text alone or among others. The engine knows text only as far as samples need it: complete characters out
+(`TextStream`) and stop strings; HTTP lives in serve.py.
+"""
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gptforge.generate import sample_next
+from gptforge.model import GPT, SlotKVCache
+from gptforge.sample import TextStream
+from gptforge.tokenizer import Tokenizer
+
+log = logging.getLogger("gptforge.serve")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a job samples (OpenAI's fields): greedy at temperature 0; `seed` None draws a fresh one."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of sample `index` of a job. A sample's last piece has its `finish_reason` ("stop": end-of-text
+    or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+class Job:
+    """A prompt to complete `n` times. The engine calls `on_piece` from its own thread, so it must be quick and
+    must not raise."""
+
+    def __init__(self, prompt: list[int], n: int, sampling: Sampling, on_piece: Callable[[Piece], None]):
+        self.prompt, self.n, self.sampling, self.on_piece = prompt, n, sampling, on_piece
+        self.cancelled = False  # set by Engine.cancel, from any thread
+
+
+class InvalidJob(ValueError):
+    """A job this engine cannot run; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(Exception):
+    """The queue of waiting jobs is at its bound: the caller should come back later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more jobs."""
+
+
+class StopStrings:
+    """Text in, text out, cut at the first stop string: text that may be the start of one is held back until
+    it is known not to be, so no stop string ever reaches the reader, even split across tokens."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """The text that is safe to hand out, and whether a stop string has ended the sample."""
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.held = self.held[: min(found)], ""
+            return out, True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class _Sample:
+    """One sample in a slot: where it is, how it draws, the text it holds back."""
+
+    job: Job
+    index: int
+    slot: int
+    generator: torch.Generator
+    text: TextStream
+    stops: StopStrings
+    tokens: int = 0
+    last: int = 0  # the token fed at the next step
+
+
+class Engine:
+    """The model, a cache of `max_batch` slots, a queue of at most `max_queue` waiting jobs, one decode thread.
+
+    With `batch_invariant` every step feeds all `max_batch` slots, busy or not, so a row's numbers never depend
+    on which other rows are busy; otherwise only the busy slots, faster when few are (docs/serving.md).
+    """
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64, batch_invariant: bool = True
+    ):
+        param = next(model.parameters())
+        self.model, self.tokenizer, self.device = model, tokenizer, param.device
+        self.max_batch, self.max_queue, self.batch_invariant = max_batch, max_queue, batch_invariant
+        self.cache = SlotKVCache(model.config, max_batch, param.dtype, param.device)
+        self.samples: list[_Sample | None] = [None] * max_batch
+        self.waiting: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
+
+    # -- the caller's side: any thread --
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Fail whatever is still in flight or waiting, and end the decode thread."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue `jobs`, all or none: InvalidJob for a job that cannot run, QueueFull when the queue is full."""
+        block_size, vocab_size = self.model.config.block_size, self.model.config.vocab_size
+        for job in jobs:
+            if not 1 <= job.n <= self.max_batch:
+                raise InvalidJob(f"n must be between 1 and {self.max_batch} (this server's batch), got {job.n}", "n")
+            if not job.prompt:
+                raise InvalidJob("the prompt has no tokens", "prompt")
+            if max(job.prompt) >= vocab_size:
+                raise InvalidJob(f"the prompt has token ids the {vocab_size}-token model does not know", "prompt")
+            if len(job.prompt) + job.sampling.max_tokens > block_size:
+                raise InvalidJob(
+                    f"This model's maximum context length is {block_size} tokens, however you requested "
+                    f"{len(job.prompt) + job.sampling.max_tokens} tokens ({len(job.prompt)} in your prompt; "
+                    f"{job.sampling.max_tokens} for the completion). Please reduce your prompt or completion length.",
+                    "max_tokens",
+                )
+        with self.wake:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the bound is {self.max_queue})")
+            self.waiting.extend(jobs)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop `job`: from the queue now, from its slots at the next step boundary."""
+        job.cancelled = True
+        with self.wake:
+            if job in self.waiting:
+                self.waiting.remove(job)
+            self.wake.notify()
+
+    def load(self) -> dict[str, int]:
+        """How busy the engine is: samples decoding, jobs waiting, slots in all."""
+        busy = sum(sample is not None for sample in self.samples)
+        return {"busy": busy, "waiting": len(self.waiting), "slots": self.max_batch}
+
+    # -- the decode thread --
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not (self.stopping or self.waiting or self._busy()):
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if self._busy():
+                    try:
+                        self._decode()
+                    except Exception as e:  # a failed step must not take the server down: fail what it carried
+                        log.exception("decode step failed")
+                        self._fail(self._in_flight(), f"the engine failed: {type(e).__name__}: {e}")
+        with self.wake:
+            waiting = list(self.waiting)
+            self.waiting.clear()
+        self._fail(self._in_flight() + waiting, "the server is shutting down")
+
+    def _busy(self) -> bool:
+        return any(sample is not None for sample in self.samples)
+
+    def _drop_cancelled(self) -> None:
+        for sample in self.samples:
+            if sample is not None and sample.job.cancelled:
+                self._release(sample)
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs, first come first served, while the first one's samples fit in free slots."""
+        while True:
+            with self.wake:
+                free = [slot for slot, sample in enumerate(self.samples) if sample is None]
+                if not self.waiting or len(free) < self.waiting[0].n:
+                    return
+                job = self.waiting.popleft()
+            try:
+                self._prefill(job, free[: job.n])
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail([job], f"the engine failed: {type(e).__name__}: {e}")
+
+    def _prefill(self, job: Job, slots: list[int]) -> None:
+        """Run the prompt once, alone, into the first slot; the job's other samples start from copies of it."""
+        logits, _ = self.model(torch.tensor([job.prompt], device=self.device), kv_cache=self.cache.slot(slots[0]))
+        self.cache.occupy(slots[0], len(job.prompt))
+        for slot in slots[1:]:
+            self.cache.copy(slots[0], slot)
+        for index, slot in enumerate(slots):
+            generator = torch.Generator(device=self.device)
+            if job.sampling.seed is None:
+                generator.seed()
+            else:  # sample i of seed s draws as sample 0 of seed s + i
+                generator.manual_seed(job.sampling.seed + index)
+            sample = _Sample(job, index, slot, generator, TextStream(self.tokenizer), StopStrings(job.sampling.stop))
+            self.samples[slot] = sample
+            self._take(sample, logits[:, -1])
+
+    def _decode(self) -> None:
+        """One token for every busy slot, in one forward."""
+        rows = list(range(self.max_batch)) if self.batch_invariant else [
+            slot for slot, sample in enumerate(self.samples) if sample is not None
+        ]
+        self.cache.rows = rows
+        last = [[sample.last if (sample := self.samples[slot]) is not None else 0] for slot in rows]
+        logits, _ = self.model(torch.tensor(last, device=self.device), kv_cache=self.cache)
+        for row, slot in enumerate(rows):
+            if (sample := self.samples[slot]) is not None:
+                self._take(sample, logits[row : row + 1, -1])
+
+    def _take(self, sample: _Sample, logits: torch.Tensor) -> None:
+        """Draw the sample's next token from its logits (1, vocab) and hand out what text it completes."""
+        sampling = sample.job.sampling
+        token = int(sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, sample.generator)[0])
+        sample.tokens += 1
+        sample.last = token
+        end_of_text = token == self.tokenizer.eot_token
+        ended = end_of_text or sample.tokens == sampling.max_tokens
+        new = "" if end_of_text else sample.text.push(token)
+        if ended:
+            new += sample.text.flush()
+        text, stopped = sample.stops.push(new)
+        if stopped or ended:
+            self._release(sample)
+            reason = "stop" if stopped or end_of_text else "length"
+            text += "" if stopped else sample.stops.flush()
+            sample.job.on_piece(Piece(sample.index, text, reason, sample.tokens))
+        elif text:
+            sample.job.on_piece(Piece(sample.index, text))
+
+    def _release(self, sample: _Sample) -> None:
+        self.cache.free(sample.slot)
+        self.samples[sample.slot] = None
+
+    def _in_flight(self) -> list[Job]:
+        return list({id(sample.job): sample.job for sample in self.samples if sample is not None}.values())
+
+    def _fail(self, jobs: list[Job], message: str) -> None:
+        """End `jobs` with an error piece, freeing their slots."""
+        for sample in self.samples:
+            if sample is not None and any(sample.job is job for job in jobs):
+                self._release(sample)
+        for job in jobs:
+            job.on_piece(Piece(0, "", error=message))

@@ -1,0 +1,271 @@
+"""Tests for continuous batching (gptforge.batching) and the model's SlotKVCache: per-slot positions give the
+logits of a full forward, a row's logits do not depend on the other rows, seeded samples are the same alone or
+among others, stop strings, end-of-text, cancellation, the queue bound and failures.
+
+    .venv/bin/python -m pytest tests/test_serve_batching.py
+"""
+
+import string
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gptforge.batching import Engine, EngineStopped, InvalidJob, Job, Piece, QueueFull, Sampling, StopStrings
+from gptforge.model import GPT, SlotKVCache
+from gptforge.tokenizer import CharTokenizer
+
+CHARS = string.printable[:95] + "éü"  # 97 characters: tiny_config's vocab_size
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(1234)
+    return GPT(tiny_config()).eval()
+
+
+@pytest.fixture
+def tokenizer() -> CharTokenizer:
+    return CharTokenizer(CHARS)
+
+
+@pytest.fixture
+def engine(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=6, max_queue=8)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+class Collector:
+    """A job's pieces as they arrive, and an event once every sample has ended (or the job failed)."""
+
+    def __init__(self, n: int):
+        self.pieces: list[Piece] = []
+        self.open, self.done = n, threading.Event()
+
+    def __call__(self, piece: Piece) -> None:
+        self.pieces.append(piece)
+        self.open -= piece.finish_reason is not None
+        if self.open == 0 or piece.error is not None:
+            self.done.set()
+
+    def samples(self) -> list[tuple[str, str | None, int]]:
+        """(text, finish_reason, tokens) of each sample, in index order."""
+        indices = sorted({p.index for p in self.pieces})
+        return [("".join(p.text for p in self.pieces if p.index == i),
+                 next(p.finish_reason for p in self.pieces if p.index == i and p.finish_reason),
+                 next(p.tokens for p in self.pieces if p.index == i and p.finish_reason)) for i in indices]
+
+
+def submit(engine: Engine, tokenizer, prompt: str, n: int = 1, **sampling) -> tuple[Job, Collector]:
+    collector = Collector(n)
+    job = Job(tokenizer.encode(prompt), n, Sampling(**{"max_tokens": 20, **sampling}), collector)
+    engine.submit([job])
+    return job, collector
+
+
+def run(engine: Engine, tokenizer, prompt: str, n: int = 1, **sampling) -> list[tuple[str, str | None, int]]:
+    _, collector = submit(engine, tokenizer, prompt, n, **sampling)
+    assert collector.done.wait(30)
+    return collector.samples()
+
+
+# -- the model's SlotKVCache --
+
+
+def prefill(model: GPT, cache: SlotKVCache, slot: int, ids: torch.Tensor) -> None:
+    model(ids[None], kv_cache=cache.slot(slot))
+    cache.occupy(slot, len(ids))
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+@pytest.mark.parametrize("every_slot", [True, False])
+def test_slot_cache_steps_give_the_logits_of_a_full_forward(pos_emb, every_slot):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_emb=pos_emb)).eval()
+    cache = SlotKVCache(model.config, 4, torch.float32)
+    seqs = {0: torch.randint(0, 97, (9,)), 2: torch.randint(0, 97, (3,)), 3: torch.randint(0, 97, (20,))}
+    with torch.inference_mode():
+        for slot, ids in seqs.items():
+            prefill(model, cache, slot, ids)
+        for _ in range(5):  # slot 1 stays free throughout
+            cache.rows = [0, 1, 2, 3] if every_slot else sorted(seqs)
+            new = {slot: torch.randint(0, 97, (1,)) for slot in seqs}
+            idx = torch.stack([new.get(slot, torch.zeros(1, dtype=torch.long)) for slot in cache.rows])
+            logits, _ = model(idx, kv_cache=cache)
+            for row, slot in enumerate(cache.rows):
+                if slot in seqs:
+                    seqs[slot] = torch.cat([seqs[slot], new[slot]])
+                    full, _ = model(seqs[slot][None])
+                    torch.testing.assert_close(logits[row, -1], full[0, -1], rtol=0, atol=1e-5)
+    assert cache.lengths == [14, 0, 8, 25] and cache.busy == [True, False, True, True]
+    with pytest.raises(ValueError, match="one token per slot"):
+        model(torch.zeros(len(cache.rows), 2, dtype=torch.long), kv_cache=cache)
+
+
+def test_a_rows_logits_do_not_depend_on_the_other_rows(model):
+    """Bit for bit: the same sequence alone in slot 0, or in slot 5 among busy slots of other lengths."""
+    torch.manual_seed(1)
+    ids, token = torch.randint(0, 97, (12,)), torch.tensor([7])
+
+    def step(slot: int, others: dict[int, int]) -> torch.Tensor:
+        cache = SlotKVCache(model.config, 8, torch.float32)
+        prefill(model, cache, slot, ids)
+        for other, length in others.items():
+            prefill(model, cache, other, torch.randint(0, 97, (length,)))
+        idx = torch.randint(0, 97, (8, 1))
+        idx[slot] = token
+        return model(idx, kv_cache=cache)[0][slot, -1]
+
+    with torch.inference_mode():
+        alone = step(0, {})
+        crowded = step(5, {0: 3, 1: 40, 2: 1, 3: 17, 4: 12, 6: 60, 7: 5})
+        assert torch.equal(alone, crowded)
+        cache = SlotKVCache(model.config, 1, torch.float32)  # not what the server does: another batch shape
+        prefill(model, cache, 0, ids)
+        torch.testing.assert_close(model(token[None], kv_cache=cache)[0][0, -1], alone, rtol=0, atol=1e-5)
+
+
+def test_slot_copy_shares_a_prefill(model):
+    cache = SlotKVCache(model.config, 3, torch.float32)
+    with torch.inference_mode():
+        prefill(model, cache, 0, torch.randint(0, 97, (10,)))
+        cache.copy(0, 2)
+        logits, _ = model(torch.tensor([[5], [0], [5]]), kv_cache=cache)
+    assert torch.equal(logits[0], logits[2]) and cache.lengths == [11, 0, 11]
+
+
+# -- stop strings --
+
+
+def test_stop_strings_cut_at_the_first_and_hold_back_possible_starts():
+    stops = StopStrings(("cd", "xyz"))
+    assert stops.push("ab") == ("ab", False)
+    assert stops.push("x") == ("", False)  # could be the start of "xyz"
+    assert stops.push("yq") == ("xyq", False)  # it was not
+    assert stops.push("c") == ("", False)
+    assert stops.push("de") == ("", True)  # "cd" ends the text before it
+    late = StopStrings(("abcd", "bc"))
+    assert late.push("abc") == ("a", True)  # the first stop string to appear wins
+    held = StopStrings(("END",))
+    assert held.push("the EN") == ("the ", False) and held.flush() == "EN"
+    assert StopStrings(("",)).push("text") == ("text", False)  # an empty stop string stops nothing
+
+
+# -- the engine --
+
+
+def test_a_seeded_sample_is_the_same_alone_or_among_others(engine, tokenizer):
+    alone = run(engine, tokenizer, "To be, or not", seed=3, max_tokens=40)
+    crowd = [submit(engine, tokenizer, prompt, n, seed=seed, max_tokens=m, temperature=t, top_k=k)
+             for prompt, n, seed, m, t, k in [("Shall I", 2, 1, 30, 1.0, None), ("abc", 1, None, 50, 0.5, 5)]]
+    while not any(c.pieces for _, c in crowd):  # join while the others are decoding
+        time.sleep(0.001)
+    again = run(engine, tokenizer, "To be, or not", seed=3, max_tokens=40)
+    for _, collector in crowd:
+        assert collector.done.wait(30)
+    assert again == alone
+    assert alone[0][1:] == ("length", 40) and len(alone[0][0]) == 40
+    assert run(engine, tokenizer, "To be, or not", seed=4, max_tokens=40) != alone
+
+
+def test_greedy_is_the_argmax_continuation(engine, tokenizer, model):
+    text = run(engine, tokenizer, "Shall I", temperature=0, max_tokens=30)[0][0]
+    with torch.inference_mode():
+        ids = model.generate(torch.tensor([tokenizer.encode("Shall I")]), 30, temperature=0)[0, 7:]
+    assert text == tokenizer.decode(ids.tolist())
+
+
+def test_samples_of_one_job_draw_as_consecutive_seeds(engine, tokenizer):
+    samples = run(engine, tokenizer, "hello", n=3, seed=10)
+    assert len({text for text, _, _ in samples}) == 3
+    assert [run(engine, tokenizer, "hello", seed=10 + i)[0] for i in range(3)] == samples
+
+
+def test_end_of_text_and_stop_strings_end_a_sample(engine, tokenizer):
+    greedy = run(engine, tokenizer, "abc", temperature=0, max_tokens=30)[0][0]
+    eot = tokenizer.encode(greedy[12])[0]
+    tokenizer.eot_token = eot  # pretend that character is end-of-text
+    cut = greedy.index(greedy[12])
+    assert run(engine, tokenizer, "abc", temperature=0, max_tokens=30)[0] == (greedy[:cut], "stop", cut + 1)
+    tokenizer.eot_token = None
+    stop = greedy[5:8]
+    assert run(engine, tokenizer, "abc", temperature=0, max_tokens=30, stop=(stop, "never"))[0][:2] == (
+        greedy[: greedy.index(stop)], "stop")
+
+
+def test_cancel_frees_the_slots_at_once(engine, tokenizer):
+    job, collector = submit(engine, tokenizer, "x", n=3, max_tokens=60)
+    _, other_collector = submit(engine, tokenizer, "y", max_tokens=50, seed=5)
+    while not collector.pieces:
+        time.sleep(0.001)
+    engine.cancel(job)
+    deadline = time.monotonic() + 1
+    while engine.load()["busy"] > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.load()["busy"] <= 1  # the other job may still run
+    assert other_collector.done.wait(30)
+    assert other_collector.samples() == run(engine, tokenizer, "y", max_tokens=50, seed=5)
+    assert not collector.done.is_set()  # a cancelled job's reader is gone: it gets nothing more
+
+
+def test_the_queue_is_bounded(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
+    engine.start()
+    try:
+        running, collector = submit(engine, tokenizer, "a", max_tokens=60)
+        while not collector.pieces:
+            time.sleep(0.001)
+        waiting, _ = submit(engine, tokenizer, "b")
+        with pytest.raises(QueueFull, match="bound is 1"):
+            submit(engine, tokenizer, "c")
+        assert engine.load() == {"busy": 1, "waiting": 1, "slots": 1}
+        engine.cancel(waiting)
+        engine.cancel(running)
+        assert run(engine, tokenizer, "d", max_tokens=3)[0][1:] == ("length", 3)  # room again
+    finally:
+        engine.stop()
+
+
+def test_jobs_that_cannot_run_are_refused(engine, tokenizer):
+    for prompt, n, max_tokens, param in [("a" * 60, 1, 5, "max_tokens"), ("a", 7, 5, "n"), ("", 1, 5, "prompt")]:
+        with pytest.raises(InvalidJob) as error:
+            submit(engine, tokenizer, prompt, n, max_tokens=max_tokens)
+        assert error.value.param == param
+    with pytest.raises(InvalidJob, match=r"maximum context length is 64 tokens.*65 tokens"):
+        submit(engine, tokenizer, "a" * 60, max_tokens=5)
+    with pytest.raises(InvalidJob, match="token ids the 97-token model"):
+        engine.submit([Job([97], 1, Sampling(max_tokens=1), Collector(1))])
+
+
+def test_a_failed_step_fails_its_jobs_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine.start()
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "_decode", broken)
+        _, collector = submit(engine, tokenizer, "a")
+        assert collector.done.wait(30)
+        assert collector.pieces[-1].error == "the engine failed: RuntimeError: boom"
+        assert engine.load()["busy"] == 0
+        monkeypatch.undo()
+        assert run(engine, tokenizer, "a", max_tokens=4)[0][1:] == ("length", 4)
+    finally:
+        engine.stop()
+
+
+def test_stop_fails_what_is_in_flight_and_refuses_more(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1)
+    engine.start()
+    _, collector = submit(engine, tokenizer, "a", max_tokens=60)
+    _, waiting = submit(engine, tokenizer, "b")
+    engine.stop()
+    for c in (collector, waiting):
+        assert c.done.is_set() and c.pieces[-1].error == "the server is shutting down"
+    with pytest.raises(EngineStopped):
+        submit(engine, tokenizer, "c")
