@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptforge.config import TrainConfig, resolve_device, resolve_dtype
+from gptforge.config import CompileMode, TrainConfig, resolve_device, resolve_dtype
 from gptforge.data import Meta
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
@@ -47,6 +47,7 @@ class BenchOptions:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model"})
+    compile_mode: CompileMode = field(default="default", metadata={"help": "torch.compile's mode, as for train"})
     seed: int = field(default=1337, metadata={"help": ""})
     profile: bool = field(default=False, metadata={"help": "record the timed steps with the torch profiler"})
     profile_dir: str = field(default="bench_log", metadata={"help": "where --profile writes its trace"})

@@ -135,6 +135,10 @@ def apply_overrides(obj: T, overrides: dict[str, Any], source: str = "") -> T:
         raise GptforgeError(f"{where}{e}") from None
 
 
+# torch.compile's modes; "max-autotune-no-cudagraphs" also tunes the matmuls (Inductor's C++ GEMM templates on CPU)
+CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every key of nanoGPT's train.py, same names and defaults, plus gptforge's own (marked)."""
@@ -180,6 +184,7 @@ class TrainConfig:
     device: str = "auto"  # 'cpu', 'cuda', 'cuda:1', 'mps'; auto: cuda, else mps, else cpu
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
     compile: bool = True  # torch.compile the model
+    compile_mode: CompileMode = "default"
     # gptforge
     seed: int = 1337
     keep_last: int = 0  # older checkpoints kept besides the latest and the best

@@ -124,7 +124,7 @@ class Trainer:
         self.progress = Progress()
         if ckpt is not None:
             self._restore(ckpt)
-        self.model: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.model: nn.Module = torch.compile(self.wrapped, mode=cfg.compile_mode) if cfg.compile else self.wrapped
 
     # -- set-up --
 
