@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.config import TrainConfig, apply_overrides, load_train_config, read_nanogpt_config, split_args
+from gptforge.config import (
+    TrainConfig,
+    apply_overrides,
+    load_train_config,
+    read_nanogpt_config,
+    resolve_compile,
+    split_args,
+)
 from gptforge.errors import GptforgeError
 
 
@@ -289,3 +296,10 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path):
         f"gptforge train: error: unknown option --n_layr (in table [model]) in {bad} (did you mean --n_layer?)\n"
     )
     assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_compile_defaults_on_for_cuda_only():
+    assert TrainConfig().compile is None
+    assert resolve_compile(None, "cuda") and resolve_compile(None, "cuda:1")
+    assert not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
+    assert resolve_compile(True, "cpu") and not resolve_compile(False, "cuda")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptforge.config import CompileMode, TrainConfig, resolve_device, resolve_dtype
+from gptforge.config import CompileMode, TrainConfig, resolve_compile, resolve_device, resolve_dtype
 from gptforge.data import Meta
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
@@ -46,7 +46,7 @@ class BenchOptions:
     steps: int = field(default=20, metadata={"help": "timed steps"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the model"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (None: on CUDA only)"})
     compile_mode: CompileMode = field(default="default", metadata={"help": "torch.compile's mode, as for train"})
     seed: int = field(default=1337, metadata={"help": ""})
     profile: bool = field(default=False, metadata={"help": "record the timed steps with the torch profiler"})
@@ -74,7 +74,8 @@ def train_config(opts: BenchOptions, data_dir: str, dataset: str) -> TrainConfig
     shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(opts, f.name)}
     device = resolve_device(opts.device)
     return TrainConfig(**{**shared, "data_dir": data_dir, "dataset": dataset, "device": device,
-                          "dtype": resolve_dtype(opts.dtype, device), "init_from": "scratch"})
+                          "dtype": resolve_dtype(opts.dtype, device), "compile": resolve_compile(opts.compile, device),
+                          "init_from": "scratch"})
 
 
 def write_random_dataset(directory: Path) -> None:

@@ -183,7 +183,8 @@ class TrainConfig:
     backend: str = "auto"  # 'nccl' on GPUs, 'gloo' on CPUs; auto picks by device
     device: str = "auto"  # 'cpu', 'cuda', 'cuda:1', 'mps'; auto: cuda, else mps, else cpu
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
-    compile: bool = True  # torch.compile the model
+    # torch.compile the model; None: on CUDA only (on a CPU it measured slower per step, docs/benchmarks.md)
+    compile: bool | None = None
     compile_mode: CompileMode = "default"
     # gptforge
     seed: int = 1337
@@ -236,6 +237,11 @@ def resolve_device(device: str) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def resolve_compile(compile: bool | None, device: str) -> bool:
+    """None becomes True on CUDA, where compiled kernels pay; eager elsewhere."""
+    return device.startswith("cuda") if compile is None else compile
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -29,7 +29,7 @@ from gptforge import __version__
 from gptforge import distributed as distrib
 from gptforge.atomic import atomic_write_text
 from gptforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gptforge.config import TrainConfig, load_train_config, resolve_device, resolve_dtype
+from gptforge.config import TrainConfig, load_train_config, resolve_compile, resolve_device, resolve_dtype
 from gptforge.data import Batches, Meta, TokenDataset
 from gptforge.errors import GptforgeError
 from gptforge.metrics import MetricsLog
@@ -69,7 +69,8 @@ def train(cfg: TrainConfig) -> Progress:
     device = resolve_device(cfg.device)
     d = distrib.setup(device, cfg.backend)
     try:
-        cfg = dataclasses.replace(cfg, device=d.device, dtype=resolve_dtype(cfg.dtype, d.device))
+        cfg = dataclasses.replace(cfg, device=d.device, dtype=resolve_dtype(cfg.dtype, d.device),
+                                  compile=resolve_compile(cfg.compile, d.device))
         return Trainer(cfg, d).run()
     finally:
         distrib.teardown()
