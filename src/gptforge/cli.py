@@ -30,6 +30,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
         "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
         "bench": ("time the training step of a model shape: ms/iter, tokens/s, MFU", _bench),
         "plot": ("draw a run's loss curves from OUT_DIR/metrics.jsonl to a PNG", _plot),
+        "serve": ("serve a model over HTTP: OpenAI completions, batched, and a web playground", _serve),
     }
 
 
@@ -131,6 +132,19 @@ def _plot(argv: list[str]) -> None:
     if parsed := _parse(argv, "usage: gptforge plot OUT_DIR [--to=FILE.png]", PlotOptions(), positional=1):
         (out_dir,), opts = parsed
         print(f"wrote {plot(out_dir, opts)}")
+
+
+def _serve(argv: list[str]) -> None:
+    try:
+        from gptforge.serve import ServeOptions, serve
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastapi", "uvicorn"):
+            raise
+        raise GptforgeError(f"serving needs {e.name}, which is not installed: pip install 'gptforge[serve]'") from None
+
+    usage = "usage: gptforge serve [--out_dir=RUN | --init_from=gpt2*|DIR] [--host=127.0.0.1] [--port=8000] ..."
+    if parsed := _parse(argv, usage, ServeOptions()):
+        serve(parsed[1])
 
 
 def main(argv: list[str] | None = None) -> int:
