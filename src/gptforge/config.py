@@ -56,13 +56,13 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         members = typing.get_args(annotation)
         if value is None and type(None) in members:
             return None
-        for member in members:
-            if member is type(None):
-                continue
+        kinds = [m for m in members if m is not type(None)]
+        for member in kinds:
             try:
                 return coerce(value, member, key)
-            except GptforgeError:
-                pass
+            except GptforgeError as e:
+                if len(kinds) == 1:  # an optional value: the one type's own message, naming None as an option
+                    raise GptforgeError(f"{e}, or None" if type(None) in members else str(e)) from None
         raise GptforgeError(f"--{key}={value!r} is not a valid {_type_name(annotation)}")
     if origin is typing.Literal:
         if value not in typing.get_args(annotation):
