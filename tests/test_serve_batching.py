@@ -13,7 +13,17 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gptforge.batching import Engine, EngineStopped, InvalidJob, Job, Piece, QueueFull, Sampling, StopStrings
+from gptforge.batching import (
+    Engine,
+    EngineStopped,
+    InvalidJob,
+    Job,
+    Piece,
+    QueueFull,
+    Sampling,
+    StopStrings,
+    draw,
+)
 from gptforge.model import GPT, SlotKVCache
 from gptforge.tokenizer import CharTokenizer
 
@@ -138,7 +148,35 @@ def test_slot_copy_shares_a_prefill(model):
     assert torch.equal(logits[0], logits[2]) and cache.lengths == [11, 0, 11]
 
 
-# -- stop strings --
+# -- sampling and stop strings --
+
+
+def test_draw_samples_the_filtered_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).log().expand(2, -1)
+    generator = torch.Generator().manual_seed(0)
+    for sampling, expected in [
+        (Sampling(1), [0.5, 0.3, 0.2, 0]),
+        (Sampling(1, temperature=0.5), [0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38, 0]),  # p^2, renormalised
+        (Sampling(1, top_k=2), [0.625, 0.375, 0, 0]),
+        (Sampling(1, top_p=0.6), [0.625, 0.375, 0, 0]),
+    ]:
+        tokens = torch.tensor([draw(logits, [None, (sampling, generator)])[1] for _ in range(10000)])
+        frequencies = torch.bincount(tokens, minlength=4) / len(tokens)
+        torch.testing.assert_close(frequencies, torch.tensor(expected), rtol=0, atol=0.02)
+    assert draw(logits, [(Sampling(1, temperature=0), generator), None]) == [0, None]
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50257) * 3
+    ours = (Sampling(1, temperature=0.9), torch.Generator().manual_seed(5))
+    alone = draw(logits, [None, ours, None, None])[1]
+    for _ in range(3):
+        ours[1].manual_seed(5)
+        others = torch.randn(4, 50257) * 3
+        others[1] = logits[1]
+        crowd = [(Sampling(1, top_k=k), torch.Generator().manual_seed(k)) for k in (3, 7)]
+        assert draw(others, [crowd[0], ours, crowd[1], None])[1] == alone
 
 
 def test_stop_strings_cut_at_the_first_and_hold_back_possible_starts():

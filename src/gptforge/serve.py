@@ -74,6 +74,7 @@ class ServeOptions:
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+    threads: int | None = field(default=None, metadata={"help": "torch's CPU threads (None: torch's default)"})
     shutdown_timeout: float = field(
         default=30.0, metadata={"help": "seconds a SIGTERM waits for requests in flight before cutting them off"}
     )
@@ -84,6 +85,8 @@ class ServeOptions:
         for name in ("max_batch", "max_queue", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise GptforgeError(f"--{name}={getattr(self, name)} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise GptforgeError(f"--threads={self.threads} must be at least 1, or None")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise GptforgeError(f"--max_tokens_limit={self.max_tokens_limit} must be at least 1, or None")
         if self.api_key == "":
@@ -490,6 +493,8 @@ def serve(opts: ServeOptions) -> None:
     if not is_loopback(opts.host) and opts.api_key is None:
         warnings.warn(f"listening on {opts.host} without an API key: anyone who can reach it can use it",
                       stacklevel=1)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
     device = resolve_device(opts.device)
     dtype = getattr(torch, resolve_dtype(opts.dtype, device))
