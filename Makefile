@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export GPTFORGE_DATA_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean chromium
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The playground's browser test drives Debian's chromium (never a downloaded browser build): apt installs it when
+# missing; where it cannot, tests/test_serve_browser.py is skipped and says why.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; } \
+		|| echo "chromium could not be installed: the browser test will be skipped"
 
 lint: install
 	$(BIN)/ruff check .
