@@ -277,6 +277,9 @@ def test_jobs_that_cannot_run_are_refused(engine, tokenizer):
         submit(engine, tokenizer, "a" * 60, max_tokens=5)
     with pytest.raises(InvalidJob, match="token ids the 97-token model"):
         engine.submit([Job([97], 1, Sampling(max_tokens=1), Collector(1))])
+    with pytest.raises(InvalidJob, match="at most 8 prompts in one request"):
+        engine.submit([Job([1], 1, Sampling(max_tokens=1), Collector(1)) for _ in range(9)])
+    assert engine.load()["waiting"] == 0  # all or none
 
 
 def test_a_failed_step_fails_its_jobs_and_the_engine_goes_on(model, tokenizer, monkeypatch):

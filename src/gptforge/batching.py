@@ -182,6 +182,8 @@ class Engine:
     def submit(self, jobs: list[Job]) -> None:
         """Queue `jobs`, all or none: InvalidJob for a job that cannot run, QueueFull when the queue is full."""
         block_size, vocab_size = self.model.config.block_size, self.model.config.vocab_size
+        if len(jobs) > self.max_queue:
+            raise InvalidJob(f"at most {self.max_queue} prompts in one request (this server's queue)", "prompt")
         for job in jobs:
             if not 1 <= job.n <= self.max_batch:
                 raise InvalidJob(f"n must be between 1 and {self.max_batch} (this server's batch), got {job.n}", "n")
