@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -46,6 +47,14 @@ def test_without_the_serve_extra_the_error_says_how_to_install_it(monkeypatch, c
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == (
         "gptforge serve: error: serving needs fastapi, which is not installed: pip install 'gptforge[serve]'\n")
+
+
+@needs_mirror
+def test_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", f"--init_from={tiny_hf_dir(tmp_path / 'tiny-gpt2')}", f"--port={port}"]) == 2
+    assert capsys.readouterr().err.endswith(f"gptforge serve: error: cannot listen on 127.0.0.1:{port}\n")
 
 
 @needs_mirror

@@ -504,7 +504,10 @@ def serve(opts: ServeOptions) -> None:
     app = create_app(engine, model_id, opts)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, timeout_graceful_shutdown=opts.shutdown_timeout,
                             log_level="info")
-    sock = config.bind_socket()
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged why (in use, not allowed) and exits: say it the command's way
+        raise GptforgeError(f"cannot listen on {opts.host}:{opts.port}") from None
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(f"gptforge serve: {model_id} on {device} ({dtype}), {opts.max_batch} slots: "
           f"http://{host}:{sock.getsockname()[1]}/", flush=True)
