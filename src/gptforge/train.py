@@ -10,6 +10,7 @@ exactly what an uninterrupted one would have done.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -39,6 +40,7 @@ from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
 # Config keys that are the model's (GPTConfig fields): a resumed run must not change them.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "gelu_approximate",
               "qk_norm", "tie_embeddings", "logit_softcap", "zero_init_proj")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -76,6 +78,22 @@ def train(cfg: TrainConfig) -> Progress:
         distrib.teardown()
 
 
+def keep_freed_memory() -> None:
+    """On glibc, let freed activation memory be reused instead of handed back to the OS after every step.
+
+    A CPU step frees and reallocates the same activation buffers each iteration; past glibc's mmap and trim
+    thresholds each comes back as fresh pages that fault in and are zeroed again: over a thousand page faults
+    per step of the CPU quick start, about a tenth of its time (docs/benchmarks.md). Raised thresholds keep those
+    pages in the heap, as a caching allocator (jemalloc, tcmalloc, PyTorch's own on CUDA) would.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 28)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 class Trainer:
     """The state of one training run; `run()` is the loop."""
 
@@ -93,6 +111,8 @@ class Trainer:
         if self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
             torch.backends.cudnn.allow_tf32 = True
+        if self.device_type == "cpu":
+            keep_freed_memory()
         self.autocast = (
             torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
             if self.ptdtype != torch.float32 and self.device_type in ("cuda", "cpu")
