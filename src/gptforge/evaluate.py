@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -36,24 +36,18 @@ from gptforge.data import TokenDataset
 from gptforge.errors import GptforgeError
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
-from gptforge.source import Source, load_source
+from gptforge.source import Source, SourceOptions
 from gptforge.tokenizer import Tokenizer
 
 TASKS = ("val", "wikitext2", "lambada", "hellaswag")
-DTYPES = ("float32", "bfloat16", "float16")
 RESULTS_FILE = "eval.json"
 HEAD_CHUNK = 1 << 26  # logits computed at once (elements): 256 MiB in float32, whatever the vocabulary
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(SourceOptions):
     task: str = field(default="val", metadata={"help": f"{', '.join(TASKS)}, or several: --task=lambada,hellaswag"})
-    init_from: str = field(
-        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
-    )
-    out_dir: str = field(default="out", metadata={"help": "the run to evaluate (init_from=resume)"})
-    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
-    data_dir: str | None = field(
+    data_dir: str | None = field(  # SourceOptions' field, with what it also means here
         default=None,
         metadata={"help": "where datasets live (default: the run's, else data); downloads go to DATA_DIR/evals"},
     )
@@ -68,8 +62,6 @@ class EvalOptions:
     )
     batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
     stride: int | None = field(default=None, metadata={"help": "wikitext2 window step (default: block_size/2)"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
     json: bool = field(default=False, metadata={"help": "end stdout with one JSON line per task"})
     to: str | None = field(
         default=None,
@@ -78,6 +70,7 @@ class EvalOptions:
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [t for t in self.tasks() if t not in TASKS]
         if unknown or not self.tasks():
             raise GptforgeError(f"--task={self.task}: choose from {', '.join(TASKS)} (comma-separated for several)")
@@ -87,8 +80,6 @@ class EvalOptions:
             raise GptforgeError(f"--batch_size={self.batch_size} must be at least 1")
         if self.stride is not None and self.stride < 1:
             raise GptforgeError(f"--stride={self.stride} must be at least 1")
-        if self.dtype not in ("auto", *DTYPES):
-            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
 
     def tasks(self) -> list[str]:
         return [t.strip() for t in self.task.split(",") if t.strip()]
@@ -365,7 +356,7 @@ def results_path(opts: EvalOptions, source: Source) -> Path:
 def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str, Any]]:
     """Run each task of `opts`, print a table (and JSON lines), merge the results into the results file."""
     out = out or sys.stdout
-    source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
+    source = opts.load()
     path = results_path(opts, source)
     saved = read_results(path)  # before any work: a file that cannot take the results fails now
     device = resolve_device(opts.device)

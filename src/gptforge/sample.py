@@ -10,31 +10,22 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TextIO
 
 import torch
 
 from gptforge.config import resolve_device, resolve_dtype
 from gptforge.errors import GptforgeError
 from gptforge.generate import optimize_for_decoding, stream
-from gptforge.source import load_source
+from gptforge.source import SourceOptions
 from gptforge.tokenizer import Tokenizer
 
-DTYPES = ("float32", "bfloat16", "float16")
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character that is not complete yet
 
 
 @dataclass
-class SampleOptions:
-    init_from: str = field(
-        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
-    )
-    out_dir: str = field(default="out", metadata={"help": "the run to sample (init_from=resume)"})
-    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "where the run's dataset (its tokenizer) lives, if it moved"}
-    )
+class SampleOptions(SourceOptions):
     start: str = field(default="\n", metadata={"help": "the prompt, or FILE:path to read it from a file"})
     num_samples: int = field(default=10, metadata={"help": "samples to draw"})
     max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
@@ -42,12 +33,11 @@ class SampleOptions:
     top_k: int | None = field(default=200, metadata={"help": "keep only the k likeliest tokens (None: all)"})
     top_p: float | None = field(default=None, metadata={"help": "keep the likeliest tokens holding this mass"})
     seed: int = field(default=1337, metadata={"help": "the same seed gives the same text"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     stream: bool = field(default=True, metadata={"help": "print tokens as they come, else each sample whole"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature < 0:
             raise GptforgeError(f"--temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -60,8 +50,6 @@ class SampleOptions:
             raise GptforgeError(f"--max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.seed < 0:
             raise GptforgeError(f"--seed={self.seed} must be >= 0")
-        if self.dtype not in ("auto", *DTYPES):
-            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
 
 
 class TextStream:
@@ -108,7 +96,7 @@ class Sampler:
 
     def __init__(self, opts: SampleOptions):
         self.opts = opts
-        source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
+        source = opts.load()
         model, self.tokenizer = source.model, source.tokenizer
         self.device = resolve_device(opts.device)
         dtype = getattr(torch, resolve_dtype(opts.dtype, self.device))

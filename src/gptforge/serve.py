@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import uvicorn
@@ -38,8 +38,7 @@ from gptforge.batching import Engine, EngineStopped, InvalidJob, Job, Piece, Que
 from gptforge.config import resolve_device, resolve_dtype
 from gptforge.errors import GptforgeError
 from gptforge.generate import optimize_for_decoding
-from gptforge.sample import DTYPES
-from gptforge.source import load_source
+from gptforge.source import SourceOptions
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 PLAYGROUND_CSP = (  # the page may talk to this server only: no CDN, no other origin
@@ -48,15 +47,7 @@ PLAYGROUND_CSP = (  # the page may talk to this server only: no CDN, no other or
 
 
 @dataclass
-class ServeOptions:
-    init_from: str = field(
-        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
-    )
-    out_dir: str = field(default="out", metadata={"help": "the run to serve (init_from=resume)"})
-    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "where the run's dataset (its tokenizer) lives, if it moved"}
-    )
+class ServeOptions(SourceOptions):
     host: str = field(default="127.0.0.1", metadata={"help": "the address to listen on; 0.0.0.0: every interface"})
     port: int = field(default=8000, metadata={"help": "the port to listen on (0: any free one)"})
     max_batch: int = field(default=16, metadata={"help": "samples decoded together in one forward (KV cache slots)"})
@@ -72,14 +63,13 @@ class ServeOptions:
         default=True, metadata={"help": "a sample's numbers never depend on the others in its batch (False: faster "
                                          "with few requests)"}
     )
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
     threads: int | None = field(default=None, metadata={"help": "torch's CPU threads (None: torch's default)"})
     shutdown_timeout: float = field(
         default=30.0, metadata={"help": "seconds a SIGTERM waits for requests in flight before cutting them off"}
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise GptforgeError(f"--port={self.port} must be in 0..65535")
         for name in ("max_batch", "max_queue", "max_request_bytes"):
@@ -93,8 +83,6 @@ class ServeOptions:
             raise GptforgeError("--api_key is empty; give a key, or leave the option out")
         if self.shutdown_timeout < 0:
             raise GptforgeError(f"--shutdown_timeout={self.shutdown_timeout} must be >= 0")
-        if self.dtype not in ("auto", *DTYPES):
-            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
 
 
 # -- the API's shapes --
@@ -495,7 +483,7 @@ def serve(opts: ServeOptions) -> None:
                       stacklevel=1)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    source = load_source(opts.init_from, opts.out_dir, opts.which, opts.data_dir)
+    source = opts.load()
     device = resolve_device(opts.device)
     dtype = getattr(torch, resolve_dtype(opts.dtype, device))
     model = optimize_for_decoding(source.model.to(device=device, dtype=dtype).eval())

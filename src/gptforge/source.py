@@ -3,14 +3,17 @@ run (`resume`, with `out_dir`), a directory written by `gptforge export` or tran
 (`gpt2`, `gpt2-medium`, ...). Each comes with the tokenizer it was trained with.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from gptforge import export
+from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.runs import dataset_dir, load_run
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -42,3 +45,26 @@ def load_source(
     directory = Path(init_from) if Path(init_from).is_dir() else None
     tokenizer = export.load_tokenizer(directory) if directory is not None else None
     return Source(model, tokenizer or GPT2Tokenizer(), directory, init_from)
+
+
+@dataclass
+class SourceOptions:
+    """The options of every command that loads a model (sample, eval, serve): which one, where it runs, in what."""
+
+    init_from: str = field(
+        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
+    )
+    out_dir: str = field(default="out", metadata={"help": "the run to use (init_from=resume)"})
+    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "where the run's dataset (its tokenizer) lives, if it moved"}
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+    def load(self) -> Source:
+        return load_source(self.init_from, self.out_dir, self.which, self.data_dir)
