@@ -258,9 +258,9 @@ def perplexity_metrics(tokens: np.ndarray, scored: list[Scored], tokenizer: Toke
     logprobs = np.concatenate([s.logprobs for s in scored])
     targets = np.asarray(tokens[1:1 + len(logprobs)])
     loss = -float(logprobs.mean())
-    text = targets if tokenizer.eot_token is None else targets[targets != tokenizer.eot_token]
-    nats = -float(logprobs.sum() if tokenizer.eot_token is None else logprobs[targets != tokenizer.eot_token].sum())
-    n_bytes = len(tokenizer.decode(text.tolist()).encode("utf-8"))
+    text = targets != tokenizer.eot_token  # document separators stand for no text (all True without one)
+    nats = -float(logprobs[text].sum())
+    n_bytes = len(tokenizer.decode(targets[text].tolist()).encode("utf-8"))
     return {"n": len(scored), "tokens": len(logprobs), "loss": loss, "ppl": math.exp(loss),
             "bpb": nats / math.log(2) / max(n_bytes, 1)}
 
