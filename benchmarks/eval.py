@@ -22,7 +22,7 @@ from datetime import date
 import torch
 
 from gptforge import GPT, GPTConfig
-from gptforge.config import resolve_device, resolve_dtype
+from gptforge.device import resolve_device, resolve_dtype
 from gptforge.evaluate import TASK_FUNCTIONS, Context, EvalOptions, Request, Scorer
 from gptforge.source import Source, load_source
 from gptforge.tokenizer import GPT2Tokenizer

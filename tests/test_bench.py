@@ -12,7 +12,7 @@ from tiny_run import char_dataset
 
 from gptforge.bench import BenchOptions, bench
 from gptforge.cli import main
-from gptforge.config import apply_overrides
+from gptforge.options import apply_overrides
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 2, "burn_in": 1, "steps": 2,
         "compile": False, "device": "cpu", "dtype": "float32"}

@@ -15,15 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.config import (
-    TrainConfig,
-    apply_overrides,
-    load_train_config,
-    read_nanogpt_config,
-    resolve_compile,
-    split_args,
-)
+from gptforge.config import TrainConfig, load_train_config, read_nanogpt_config
+from gptforge.device import resolve_compile
 from gptforge.errors import GptforgeError
+from gptforge.options import apply_overrides, split_args
 
 
 @dataclass

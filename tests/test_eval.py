@@ -20,10 +20,10 @@ from tiny_run import tiny_run
 
 from gptforge import eval_data
 from gptforge.cli import main
-from gptforge.config import apply_overrides
 from gptforge.errors import GptforgeError
 from gptforge.evaluate import EvalOptions, Request, Scorer, evaluate, fit_context, windows
 from gptforge.model import GPT
+from gptforge.options import apply_overrides
 from gptforge.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")

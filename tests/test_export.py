@@ -14,8 +14,8 @@ from tiny_run import tiny_run
 
 from gptforge.checkpoint import load_model
 from gptforge.cli import main
-from gptforge.config import apply_overrides
 from gptforge.export import ExportOptions, export, is_export, load_export
+from gptforge.options import apply_overrides
 from gptforge.sample import SampleOptions, sample
 
 

@@ -13,7 +13,7 @@ from test_model_options import OPTION_SETS, make_model
 
 from gptforge import GPT
 from gptforge.generate import filter_logits, optimize_for_decoding, sample_next
-from gptforge.model import KVCache
+from gptforge.kv_cache import KVCache
 
 
 def seeded(seed: int = 7) -> torch.Generator:

@@ -13,11 +13,11 @@ from mirror_data import MIRROR, needs_mirror
 from tiny_run import SONNET, tiny_run
 
 from gptforge.cli import main
-from gptforge.config import apply_overrides
 from gptforge.errors import GptforgeError
+from gptforge.options import apply_overrides
 from gptforge.runs import load_run, run_tokenizer
-from gptforge.sample import REPLACEMENT, SEPARATOR, SampleOptions, TextStream, sample
-from gptforge.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
+from gptforge.sample import SEPARATOR, SampleOptions, sample
+from gptforge.tokenizer import REPLACEMENT, BPETokenizer, CharTokenizer, GPT2Tokenizer, TextStream
 
 MULTIBYTE = "naïve café, déjà vu — 東京 🤖 👩‍👩‍👧 done"
 

@@ -24,7 +24,8 @@ from gptforge.batching import (
     StopStrings,
     draw,
 )
-from gptforge.model import GPT, SlotKVCache
+from gptforge.kv_cache import SlotKVCache
+from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = string.printable[:95] + "éü"  # 97 characters: tiny_config's vocab_size

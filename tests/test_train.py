@@ -23,10 +23,11 @@ import torch
 from gptforge.checkpoint import load_checkpoint
 from gptforge.config import TrainConfig
 from gptforge.datasets import TextOptions, prepare_text
+from gptforge.device import keep_freed_memory
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
 from gptforge.metrics import read_metrics
-from gptforge.train import Trainer, keep_freed_memory, run_config, train
+from gptforge.train import Trainer, run_config, train
 
 TINY = dict(
     dataset="corpus", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2,

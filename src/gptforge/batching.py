@@ -22,9 +22,9 @@ import torch
 from torch.nn import functional as F
 
 from gptforge.generate import filter_logits
-from gptforge.model import GPT, SlotKVCache
-from gptforge.sample import TextStream
-from gptforge.tokenizer import Tokenizer
+from gptforge.kv_cache import SlotKVCache
+from gptforge.model import GPT
+from gptforge.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("gptforge.serve")
 

@@ -4,7 +4,8 @@ The step timed is the trainer's own (`train.Trainer`: data sampling, gradient ac
 torch.compile, clipping, fused AdamW), so a number here is what `gptforge train` gets with the same options.
 Burn-in steps (compilation, allocator warm-up) run first and are not timed; then each timed step is waited for
 (`loss.item()`, as a training log line does). Data are a prepared dataset or, without one, uniform random
-GPT-2 token ids written to a temporary dataset. `--profile=True` records the timed steps with the PyTorch profiler
+GPT-2 token ids written to a temporary dataset. Its options are the training options (every key of
+`TrainConfig`, with a benchmark's defaults) plus its own. `--profile=True` records the timed steps with the PyTorch profiler
 as a trace for TensorBoard or Perfetto (the profiler slows them: time without it).
 """
 
@@ -14,16 +15,18 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gptforge.config import CompileMode, TrainConfig, resolve_compile, resolve_device, resolve_dtype
+from gptforge.config import TrainConfig
 from gptforge.data import Meta
+from gptforge.device import resolve_compile, resolve_device, resolve_dtype
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
+from gptforge.options import option
 from gptforge.tokenizer import GPT2Tokenizer
 from gptforge.train import Trainer
 
@@ -31,28 +34,19 @@ RANDOM_TOKENS = 1 << 20  # tokens of random data; batches are drawn from it at r
 
 
 @dataclass
-class BenchOptions:
-    batch_size: int = field(default=12, metadata={"help": "rows per micro-step"})
-    block_size: int = field(default=1024, metadata={"help": "tokens per row"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per step"})
-    n_layer: int = field(default=12, metadata={"help": "model shape (default: GPT-2 124M)"})
-    n_head: int = field(default=12, metadata={"help": ""})
-    n_embd: int = field(default=768, metadata={"help": ""})
-    bias: bool = field(default=False, metadata={"help": ""})
-    dropout: float = field(default=0.0, metadata={"help": ""})
-    dataset: str | None = field(default=None, metadata={"help": "a prepared dataset (None: random tokens)"})
-    data_dir: str = field(default="data", metadata={"help": "where --dataset lives"})
-    burn_in: int = field(default=10, metadata={"help": "untimed steps first (compilation, warm-up)"})
-    steps: int = field(default=20, metadata={"help": "timed steps"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (None: on CUDA only)"})
-    compile_mode: CompileMode = field(default="default", metadata={"help": "torch.compile's mode, as for train"})
-    seed: int = field(default=1337, metadata={"help": ""})
-    profile: bool = field(default=False, metadata={"help": "record the timed steps with the torch profiler"})
-    profile_dir: str = field(default="bench_log", metadata={"help": "where --profile writes its trace"})
+class BenchOptions(TrainConfig):
+    """The training options whose step is timed (defaults: GPT-2 124M, one micro-step, random tokens), and the
+    benchmark's own."""
+
+    gradient_accumulation_steps: int = option(1, "micro-steps per step")
+    dataset: str | None = option(None, "a prepared dataset (None: random GPT-2 tokens)")
+    burn_in: int = option(10, "untimed steps first (compilation, warm-up)")
+    steps: int = option(20, "timed steps")
+    profile: bool = option(False, "record the timed steps with the torch profiler")
+    profile_dir: str = option("bench_log", "where --profile writes its trace")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1 or self.burn_in < 0:
             raise GptforgeError(f"--steps must be >= 1 and --burn_in >= 0, got {self.steps} and {self.burn_in}")
 
@@ -71,7 +65,7 @@ class BenchResult:
 
 def train_config(opts: BenchOptions, data_dir: str, dataset: str) -> TrainConfig:
     """The training config whose step the benchmark times."""
-    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(opts, f.name)}
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig)}
     device = resolve_device(opts.device)
     return TrainConfig(**{**shared, "data_dir": data_dir, "dataset": dataset, "device": device,
                           "dtype": resolve_dtype(opts.dtype, device), "compile": resolve_compile(opts.compile, device),

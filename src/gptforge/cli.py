@@ -1,14 +1,13 @@
 """The `gptforge` command: argument wiring only; each subcommand's work lives in its own module."""
 
-import dataclasses
 import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from gptforge.config import apply_overrides, split_args
 from gptforge.errors import GptforgeError
+from gptforge.options import apply_overrides, split_args, usage
 
 T = TypeVar("T")
 
@@ -34,33 +33,23 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
     }
 
 
-def _options_usage(usage: str, defaults: Any) -> str:
-    """A command's usage line and its `--key=default  help` rows, from its options dataclass."""
-    rows = [(f"--{f.name}={getattr(defaults, f.name)!r}", f.metadata.get("help", ""))
-            for f in dataclasses.fields(defaults)]
-    width = max(len(option) for option, _ in rows)
-    return f"{usage}\n\noptions (defaults):\n" + "\n".join(
-        f"  {option:<{width}}  {help_}".rstrip() for option, help_ in rows
-    )
-
-
-def _parse(argv: list[str], usage: str, defaults: T, positional: int = 0) -> tuple[list[str], T] | None:
+def _parse(argv: list[str], head: str, defaults: T, positional: int = 0) -> tuple[list[str], T] | None:
     """The positional arguments and options of a command configured by a dataclass; None once --help printed."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(_options_usage(usage, defaults))
+        print(usage(head, defaults))
         return None
     args, overrides = split_args(argv)
     if len(args) != positional:
-        raise GptforgeError(f"expected {usage.removeprefix('usage: ')} (see --help)")
+        raise GptforgeError(f"expected {head.removeprefix('usage: ')} (see --help)")
     return args, apply_overrides(defaults, overrides)
 
 
 def _prepare(argv: list[str]) -> None:
-    from gptforge.datasets import get_dataset, usage
+    from gptforge.datasets import get_dataset, prepare_usage
 
     if any(arg in ("-h", "--help") for arg in argv):
         names = [arg for arg in argv if not arg.startswith("-")]
-        print(usage(names[0] if names else None))
+        print(prepare_usage(names[0] if names else None))
         return
     positional, overrides = split_args(argv)
     if len(positional) != 1:
@@ -71,25 +60,23 @@ def _prepare(argv: list[str]) -> None:
     print(f"{meta.dataset}: {counts} tokens ({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
 
 
-TRAIN_USAGE = """usage: gptforge train [CONFIG ...] [--key=value ...]
+CONFIG_FILES = """CONFIG: TOML files (see configs/) or nanoGPT config/*.py files (read as data, never run), applied in
+order, then the --key=value options."""
+TRAIN_USAGE = f"""usage: gptforge train [CONFIG ...] [--key=value ...]
 
-CONFIG: TOML files (see configs/) or nanoGPT config/*.py files (read as data, never run), applied in order,
-then the --key=value options. --init_from=resume --out_dir=DIR continues a run from its own saved config.
-Many processes: torchrun --standalone --nproc_per_node=N -m gptforge train CONFIG ...
+{CONFIG_FILES} --init_from=resume --out_dir=DIR continues a run from its own saved config.
+Many processes: torchrun --standalone --nproc_per_node=N -m gptforge train CONFIG ..."""
+BENCH_USAGE = f"""usage: gptforge bench [CONFIG ...] [--key=value ...]
 
-options (defaults):
-{options}"""
+{CONFIG_FILES} Every training option applies: the step timed is the one `gptforge train` runs."""
 
 
 def _train(argv: list[str]) -> None:
-    import dataclasses
-
     from gptforge.config import TrainConfig
     from gptforge.train import run_config, train
 
     if any(arg in ("-h", "--help") for arg in argv):
-        options = "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig))
-        print(TRAIN_USAGE.format(options=options))
+        print(usage(TRAIN_USAGE, TrainConfig()))
         return
     files, overrides = split_args(argv)
     train(run_config(files, overrides))
@@ -105,25 +92,29 @@ def _sample(argv: list[str]) -> None:
 def _eval(argv: list[str]) -> None:
     from gptforge.evaluate import EvalOptions, evaluate
 
-    usage = "usage: gptforge eval --task=val|wikitext2|lambada|hellaswag [--out_dir=RUN | --init_from=gpt2|DIR]"
-    if parsed := _parse(argv, usage, EvalOptions()):
+    head = "usage: gptforge eval --task=val|wikitext2|lambada|hellaswag [--out_dir=RUN | --init_from=gpt2|DIR]"
+    if parsed := _parse(argv, head, EvalOptions()):
         evaluate(parsed[1])
 
 
 def _export(argv: list[str]) -> None:
     from gptforge.export import ExportOptions, export
 
-    usage = "usage: gptforge export --out_dir=RUN --format=hf|safetensors --to=DIR [--which=best|latest]"
-    if parsed := _parse(argv, usage, ExportOptions()):
+    head = "usage: gptforge export --out_dir=RUN --format=hf|safetensors --to=DIR [--which=best|latest]"
+    if parsed := _parse(argv, head, ExportOptions()):
         opts = parsed[1]
         print(f"exported {opts.out_dir} ({opts.which}) as {opts.format} to {export(opts)}")
 
 
 def _bench(argv: list[str]) -> None:
     from gptforge.bench import BenchOptions, bench
+    from gptforge.config import load_train_config
 
-    if parsed := _parse(argv, "usage: gptforge bench [--key=value ...]", BenchOptions()):
-        bench(parsed[1])
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage(BENCH_USAGE, BenchOptions()))
+        return
+    files, overrides = split_args(argv)
+    bench(load_train_config(files, overrides, base=BenchOptions()))
 
 
 def _plot(argv: list[str]) -> None:
@@ -142,8 +133,8 @@ def _serve(argv: list[str]) -> None:
             raise
         raise GptforgeError(f"serving needs {e.name}, which is not installed: pip install 'gptforge[serve]'") from None
 
-    usage = "usage: gptforge serve [--out_dir=RUN | --init_from=gpt2*|DIR] [--host=127.0.0.1] [--port=8000] ..."
-    if parsed := _parse(argv, usage, ServeOptions()):
+    head = "usage: gptforge serve [--out_dir=RUN | --init_from=gpt2*|DIR] [--host=127.0.0.1] [--port=8000] ..."
+    if parsed := _parse(argv, head, ServeOptions()):
         serve(parsed[1])
 
 

@@ -1,139 +1,23 @@
-"""Configuration: `TrainConfig`, config files (TOML, or nanoGPT's Python files read as data) and
-nanoGPT-style `--key=value` options applied to dataclasses.
+"""Training configuration: `TrainConfig` and the config files that set it (TOML, or nanoGPT's Python files read
+as data, never executed), applied in order before the command line's `--key=value` options (options.py).
 
-Values are parsed with `ast.literal_eval` (never executed) and coerced to the field's declared type, so
-`--max_iters=1e4` gives the int 10000 and `--top_k=None` works for optional fields.
+The model keys are GPTConfig's own (model.py): declared here with its types, checked by its rules, turned into a
+model by `TrainConfig.model_config`. This module knows options and files, nothing of training itself.
 """
 
 import ast
 import dataclasses
-import difflib
 import operator
 import tomllib
-import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
-
+from gptforge.device import check_dtype
 from gptforge.errors import GptforgeError
-
-T = TypeVar("T")
-
-
-def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Split `argv` into positional arguments and a `{key: raw value}` dict of `--key=value` options; a bare
-    `--flag` is `--flag=True`."""
-    positional, options = [], {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            positional.append(arg)
-            continue
-        key, sep, value = arg[2:].partition("=")
-        if not key:
-            raise GptforgeError(f"option {arg!r} is not of the form --key=value")
-        if not sep:
-            value = "True"
-        options[key.replace("-", "_")] = value
-    return positional, options
-
-
-def _parse_literal(raw: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a bare word such as --device=cuda is a string
-
-
-def coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert `value` to the type `annotation` names, or raise a one-line error about `key`."""
-    if isinstance(annotation, str):
-        raise TypeError(f"field {key} has a string annotation; gptforge config classes use real types")
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if value is None and type(None) in members:
-            return None
-        kinds = [m for m in members if m is not type(None)]
-        for member in kinds:
-            try:
-                return coerce(value, member, key)
-            except GptforgeError as e:
-                if len(kinds) == 1:  # an optional value: the one type's own message, naming None as an option
-                    raise GptforgeError(f"{e}, or None" if type(None) in members else str(e)) from None
-        raise GptforgeError(f"--{key}={value!r} is not a valid {_type_name(annotation)}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(annotation):
-            choices = ", ".join(repr(c) for c in typing.get_args(annotation))
-            raise GptforgeError(f"--{key}={value!r} is not one of {choices}")
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise GptforgeError(f"--{key}={value!r} is not a bool: use True or False")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-            raise GptforgeError(f"--{key}={value!r} is not an integer")
-        return int(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise GptforgeError(f"--{key}={value!r} is not a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise GptforgeError(f"--{key}={value!r} is not a string")
-        return value
-    if origin in (list, tuple) or annotation in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise GptforgeError(f"--{key}={value!r} is not a list")
-        (item_type, *_) = typing.get_args(annotation) or (Any,)
-        items = [v if item_type is Any else coerce(v, item_type, key) for v in value]
-        return tuple(items) if (origin or annotation) is tuple else items
-    return value
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def closest_key(key: str, valid: typing.Iterable[str]) -> str:
-    """A hint naming the valid key closest to `key`, or the empty string."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean --{match[0]}?)" if match else ""
-
-
-def apply_overrides(obj: T, overrides: dict[str, Any], source: str = "") -> T:
-    """Return a copy of dataclass `obj` with `overrides` applied.
-
-    `source` names the config file the overrides come from, for error messages. Without it they are command-line
-    text, and strings are parsed as literals (`--max_iters=1e4`); a file's values already have their types, so
-    `max_iters = "1e4"` in a file is a wrong type, not a number.
-    """
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
-    where = f"{source}: " if source else ""
-    changes = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            in_source = f" in {source}" if source else ""
-            raise GptforgeError(f"unknown option --{key}{in_source}{closest_key(key, fields)}")
-        if isinstance(value, str) and not source:
-            parsed = _parse_literal(value)
-            # A str field keeps the raw text unless it was written as a quoted string literal.
-            value = parsed if hints[key] is not str or isinstance(parsed, str) else value
-        try:
-            changes[key] = coerce(value, hints[key], key)
-        except GptforgeError as e:
-            raise GptforgeError(f"{where}{e}") from None
-    try:
-        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
-    except GptforgeError as e:  # a check across fields, such as a value out of range
-        raise GptforgeError(f"{where}{e}") from None
-
+from gptforge.model import MODEL_KEYS, GeluApproximate, GPTConfig, Mlp, Norm, PosEmb
+from gptforge.options import apply_overrides, closest_key, option
 
 # torch.compile's modes; "max-autotune-no-cudagraphs" also tunes the matmuls (Inductor's C++ GEMM templates on CPU)
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -141,71 +25,71 @@ CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every key of nanoGPT's train.py, same names and defaults, plus gptforge's own (marked)."""
+    """Every key of nanoGPT's train.py, same names and defaults, plus gptforge's own (marked "gptforge")."""
 
     # I/O
-    out_dir: str = "out"
-    eval_interval: int = 2000
-    log_interval: int = 1
-    eval_iters: int = 200
-    eval_only: bool = False  # if True, evaluate once and exit
-    always_save_checkpoint: bool = True  # also write the latest checkpoint when val loss did not improve
-    init_from: str = "scratch"  # 'scratch', 'resume', 'gpt2*' or a local HF GPT-2 directory
+    out_dir: str = option("out", "the run directory: checkpoints, config.json, metrics.jsonl")
+    eval_interval: int = option(2000, "evaluate (and checkpoint) every this many iterations")
+    log_interval: int = option(1, "print and log the training loss every this many iterations")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    eval_only: bool = option(False, "evaluate once and exit")
+    always_save_checkpoint: bool = option(True, "also write the latest checkpoint when val loss did not improve")
+    init_from: str = option("scratch", "scratch, resume (the run in out_dir), gpt2* or a local HF GPT-2 directory")
     # wandb logging
-    wandb_log: bool = False
-    wandb_project: str = "owt"
-    wandb_run_name: str = "gpt2"
+    wandb_log: bool = option(False, "log to Weights & Biases (needs gptforge[wandb])")
+    wandb_project: str = option("owt", "the wandb project")
+    wandb_run_name: str = option("gpt2", "the wandb run name")
     # data
-    dataset: str = "openwebtext"
-    data_dir: str = "data"  # gptforge: datasets live in data_dir/dataset
-    gradient_accumulation_steps: int = 5 * 8  # micro-steps per optimizer step, over all processes together
-    batch_size: int = 12  # micro-batch size: rows per micro-step per process
-    block_size: int = 1024
+    dataset: str = option("openwebtext", "the prepared dataset: DATA_DIR/DATASET")
+    data_dir: str = option("data", "gptforge: where prepared datasets live")
+    gradient_accumulation_steps: int = option(5 * 8, "micro-steps per optimizer step, over all processes together")
+    batch_size: int = option(12, "micro-batch size: rows per micro-step per process")
+    block_size: int = option(1024, "context length: tokens per row")
     # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
-    bias: bool = False  # biases in LayerNorm and Linear layers
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads per block")
+    n_embd: int = option(768, "embedding width")
+    dropout: float = option(0.0, "dropout rate; for pretraining 0 is good, for finetuning try 0.1+")
+    bias: bool = option(False, "biases in LayerNorm and Linear layers")
     # AdamW
-    learning_rate: float = 6e-4
-    max_iters: int = 600000
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # clip gradients at this norm; 0.0 disables
+    learning_rate: float = option(6e-4, "peak learning rate")
+    max_iters: int = option(600000, "total optimizer steps")
+    weight_decay: float = option(1e-1, "AdamW weight decay of the matmul and embedding weights")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip gradients at this norm; 0.0 disables")
     # learning rate decay
-    decay_lr: bool = True
-    warmup_iters: int = 2000
-    lr_decay_iters: int = 600000  # ~= max_iters per Chinchilla
-    min_lr: float = 6e-5  # ~= learning_rate / 10 per Chinchilla
+    decay_lr: bool = option(True, "follow the schedule (warm-up and decay); False: a constant learning_rate")
+    warmup_iters: int = option(2000, "iterations of linear warm-up")
+    lr_decay_iters: int = option(600000, "cosine: iterations to decay over (~= max_iters per Chinchilla)")
+    min_lr: float = option(6e-5, "the learning rate at the end of the decay (~= learning_rate / 10)")
     # system
-    backend: str = "auto"  # 'nccl' on GPUs, 'gloo' on CPUs; auto picks by device
-    device: str = "auto"  # 'cpu', 'cuda', 'cuda:1', 'mps'; auto: cuda, else mps, else cpu
-    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
-    # torch.compile the model; None: on CUDA only (on a CPU it measured slower per step, docs/benchmarks.md)
-    compile: bool | None = None
-    compile_mode: CompileMode = "default"
+    backend: str = option("auto", "torch.distributed backend: nccl, gloo; auto picks by device")
+    device: str = option("auto", "cpu, cuda, cuda:1, mps; auto: cuda, else mps, else cpu")
+    dtype: str = option("auto", "float32, bfloat16, float16; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU")
+    compile: bool | None = option(None, "torch.compile the model (None: on CUDA only; slower on a CPU)")
+    compile_mode: CompileMode = option("default", "torch.compile's mode")
     # gptforge
-    seed: int = 1337
-    keep_last: int = 0  # older checkpoints kept besides the latest and the best
-    parallelism: typing.Literal["ddp", "fsdp"] = "ddp"
+    seed: int = option(1337, "gptforge: seeds the initial weights, the batches and dropout")
+    keep_last: int = option(0, "gptforge: older checkpoints kept besides the latest and the best")
+    parallelism: typing.Literal["ddp", "fsdp"] = option("ddp", "gptforge: under torchrun, DDP or FSDP2")
     # gptforge: modern architecture (model.GPTConfig; the defaults are GPT-2) and optimizer, see docs/speedrun.md
-    pos_emb: typing.Literal["learned", "rope"] = "learned"
-    norm: typing.Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: typing.Literal["gelu", "relu2", "swiglu"] = "gelu"
-    gelu_approximate: typing.Literal["tanh", "none"] = "tanh"  # GPT-2's tanh GELU; "none": nanoGPT's exact erf
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    logit_softcap: float | None = None
-    zero_init_proj: bool = False
-    optimizer: typing.Literal["adamw", "muon"] = "adamw"
-    muon_lr: float = 0.02  # peak LR of Muon's hidden matrices (learning_rate drives the AdamW groups)
-    muon_momentum: float = 0.95
-    embed_lr: float | None = None  # muon only: AdamW LR of the embeddings (None: learning_rate)
-    head_lr: float | None = None  # muon only: AdamW LR of the output head (None: learning_rate)
-    lr_schedule: typing.Literal["cosine", "wsd"] = "cosine"  # wsd: warm-up, stable, linear decay
-    cooldown_frac: float = 0.4  # wsd: the share of max_iters spent decaying to min_lr
+    pos_emb: PosEmb = option("learned", "gptforge: positions: learned embeddings (GPT-2) or rope")
+    norm: Norm = option("layernorm", "gptforge: layernorm (GPT-2) or rmsnorm")
+    mlp: Mlp = option("gelu", "gptforge: the feed-forward: gelu (GPT-2), relu2 or swiglu")
+    gelu_approximate: GeluApproximate = option("tanh", "gptforge: GPT-2's tanh GELU; none: nanoGPT's exact erf")
+    qk_norm: bool = option(False, "gptforge: RMS-normalise queries and keys before attention")
+    tie_embeddings: bool = option(True, "gptforge: the output head is the token embedding")
+    logit_softcap: float | None = option(None, "gptforge: logits become cap * tanh(logits / cap)")
+    zero_init_proj: bool = option(False, "gptforge: residual projections start at zero")
+    optimizer: typing.Literal["adamw", "muon"] = option("adamw", "gptforge: adamw, or muon for the hidden matrices")
+    muon_lr: float = option(0.02, "gptforge: peak LR of Muon's hidden matrices (learning_rate drives AdamW's)")
+    muon_momentum: float = option(0.95, "gptforge: Muon's momentum")
+    embed_lr: float | None = option(None, "gptforge: muon only: AdamW LR of the embeddings (None: learning_rate)")
+    head_lr: float | None = option(None, "gptforge: muon only: AdamW LR of the output head (None: learning_rate)")
+    lr_schedule: typing.Literal["cosine", "wsd"] = option("cosine", "gptforge: cosine, or wsd (warm-up, stable, "
+                                                          "linear decay)")
+    cooldown_frac: float = option(0.4, "gptforge: wsd: the share of max_iters spent decaying to min_lr")
 
     def __post_init__(self) -> None:
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
@@ -216,41 +100,31 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
             if getattr(self, name) < 0:
                 raise GptforgeError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        check_dtype(self.dtype)
         if self.backend not in ("auto", "nccl", "gloo"):
             raise GptforgeError(f"--backend={self.backend!r} is not one of auto, nccl, gloo")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise GptforgeError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise GptforgeError(f"--logit_softcap must be positive or None, got {self.logit_softcap}")
+        self.model_config(vocab_size=1)  # the model keys, checked by the model's own rules
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The model these options describe, for a vocabulary of `vocab_size` tokens."""
+        try:
+            return GPTConfig(**{k: getattr(self, k) for k in MODEL_KEYS}, vocab_size=vocab_size, dropout=self.dropout)
+        except ValueError as e:  # GPTConfig names its field: say it as the option
+            raise GptforgeError(str(e).replace("GPTConfig.", "--")) from None
 
 
-def resolve_device(device: str) -> str:
-    """'auto' becomes what this machine has: cuda, else mps, else cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def _check_model_keys() -> None:
+    """TrainConfig declares every model key with GPTConfig's type: a key added to one but not the other fails here,
+    at import, instead of being ignored by training."""
+    ours, model = typing.get_type_hints(TrainConfig), typing.get_type_hints(GPTConfig)
+    wrong = [k for k in (*MODEL_KEYS, "dropout") if ours.get(k) != model[k]]
+    if wrong:
+        raise TypeError(f"TrainConfig must declare GPTConfig's {', '.join(wrong)} with the same types")
 
 
-def resolve_compile(compile: bool | None, device: str) -> bool:
-    """None becomes True on CUDA, where compiled kernels pay; eager elsewhere."""
-    return device.startswith("cuda") if compile is None else compile
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' follows the device: bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 elsewhere."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+_check_model_keys()
 
 
 def read_toml(path: Path, valid: typing.Collection[str] | None = None) -> dict[str, Any]:

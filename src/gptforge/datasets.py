@@ -44,7 +44,7 @@ BPE_DEFAULT_VOCAB = 8192
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Options: nanoGPT-style --key=value, applied with config.apply_overrides.
+# Options: nanoGPT-style --key=value, applied with options.apply_overrides.
 
 
 @dataclass
@@ -156,7 +156,7 @@ def get_dataset(name: str) -> Dataset:
     return DATASETS[name]
 
 
-def usage(name: str | None = None) -> str:
+def prepare_usage(name: str | None = None) -> str:
     """`gptforge prepare --help` (the list of datasets), or one dataset's options with their defaults."""
     if name is None:
         rows = "\n".join(f"  {d.name:<17} {d.summary}" for d in DATASETS.values())

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from gptforge import eval_data
 from gptforge.atomic import atomic_write_text
-from gptforge.config import resolve_device, resolve_dtype
 from gptforge.data import TokenDataset
+from gptforge.device import torch_dtype
 from gptforge.errors import GptforgeError
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
@@ -112,7 +112,7 @@ class Scorer:
                  progress: bool = True):
         self.model = model.to(device).eval()
         self.device = device
-        self.dtype = getattr(torch, dtype)
+        self.dtype = torch_dtype(dtype)
         self.batch_size = batch_size
         self.progress = progress
 
@@ -359,8 +359,7 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
     source = opts.load()
     path = results_path(opts, source)
     saved = read_results(path)  # before any work: a file that cannot take the results fails now
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
+    device, dtype = opts.placement()
     scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
     ctx = Context(source, opts)
     results = {}

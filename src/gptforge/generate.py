@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gptforge.model import GPT, KVCache
+from gptforge.device import torch_dtype
+from gptforge.kv_cache import KVCache
+from gptforge.model import GPT
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -135,3 +137,10 @@ def optimize_for_decoding(model: GPT) -> GPT:
             if w.device.type == "cpu" and w.dtype == torch.float32 and w.size(0) >= w.size(1):
                 w.data = w.data.t().contiguous().t()
     return model
+
+
+def decoding_model(model: GPT, device: str, dtype: str) -> GPT:
+    """`model` ready to decode on `device`: in eval mode, its weights themselves in `dtype` and laid out for
+    decoding. Decoding streams every weight once per token, so the weights take the dtype (half the bytes in
+    16 bits) rather than an autocast over fp32 weights."""
+    return optimize_for_decoding(model.to(device=device, dtype=torch_dtype(dtype)).eval())

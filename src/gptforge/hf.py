@@ -7,6 +7,7 @@ HF's GPT-2 stores its matmul weights as Conv1D, (in, out): the transpose of `nn.
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,12 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # HF activation names and the nn.GELU approximation each one is.
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 LAYER_NORM_EPS = 1e-5
-# GPTConfig options that change the network; GPT2LMHeadModel is only their defaults (zero_init_proj is not here:
-# it changes the initialisation, not the function, so a model trained with it exports).
-ARCHITECTURE_OPTIONS = ("pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "logit_softcap")
+# The GPTConfig fields GPT-2's config.json expresses (bias=False as zero biases), and those that change only the
+# initialisation, not the function (a model trained with them exports). Every other field changes the network,
+# and GPT2LMHeadModel is only its GPT-2 default: an export of any other value is refused, naming it.
+HF_EXPRESSES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu_approximate")
+INIT_ONLY = ("zero_init_proj",)
+ARCHITECTURE_OPTIONS = tuple(f.name for f in fields(GPTConfig) if f.name not in (*HF_EXPRESSES, *INIT_ONLY))
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 

@@ -11,15 +11,16 @@ References:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 3) modded-nanogpt, the NanoGPT speedrun: https://github.com/KellerJordan/modded-nanogpt
 
-This module knows tensors of token ids and nothing of text. Decoding loops live in `generate.py`, Hugging Face
-conversion in `hf.py`, checkpoint files in `checkpoint.py`; the methods here that reach them are thin doors.
+This module knows tensors of token ids and nothing of text. KV caches live in `kv_cache.py` (attention asks the
+cache it is given), decoding loops in `generate.py`, Hugging Face conversion in `hf.py`, checkpoint files in
+`checkpoint.py`; the methods here that reach them are thin doors, and this module imports none of them.
 """
 
 import inspect
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import torch
 import torch.nn as nn
@@ -28,15 +29,15 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from gptforge.kv_cache import Cache
+
 NORM_EPS = 1e-5  # LayerNorm's (GPT-2's) epsilon, used by RMSNorm and QK-norm too, whatever the dtype
 ROPE_BASE = 10000.0  # the rotary frequencies' base, as in RoFormer and Llama
-# The allowed values of GPTConfig's string options; the first is GPT-2's.
-CHOICES = {
-    "gelu_approximate": ("tanh", "none"),
-    "pos_emb": ("learned", "rope"),
-    "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "relu2", "swiglu"),
-}
+# The values of GPTConfig's string options, the first GPT-2's; TrainConfig declares its model keys with these.
+GeluApproximate = Literal["tanh", "none"]
+PosEmb = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["gelu", "relu2", "swiglu"]
 
 
 @dataclass
@@ -50,11 +51,11 @@ class GPTConfig:
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     # GPT-2 (OpenAI and HF's `gelu_new`) uses the tanh approximation; nanoGPT trained with the exact
     # erf GELU, so its checkpoints load with "none".
-    gelu_approximate: Literal["tanh", "none"] = "tanh"
+    gelu_approximate: GeluApproximate = "tanh"
     # Beyond GPT-2 (docs/model.md): every default below is GPT-2's, so a config without them is GPT-2.
-    pos_emb: Literal["learned", "rope"] = "learned"  # learned absolute embeddings (wpe), or rotary
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # the feed-forward's activation (swiglu: gated)
+    pos_emb: PosEmb = "learned"  # learned absolute embeddings (wpe), or rotary
+    norm: Norm = "layernorm"
+    mlp: Mlp = "gelu"  # the feed-forward's activation (swiglu: gated)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     tie_embeddings: bool = True  # the output head is the token embedding; False gives it its own matrix
     logit_softcap: float | None = None  # logits become cap * tanh(logits / cap)
@@ -72,13 +73,13 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name, allowed in CHOICES.items():
+        for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("qk_norm", "tie_embeddings", "zero_init_proj"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for f in fields(self):
+            if f.type is bool and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"GPTConfig.{f.name} must be True or False, got {getattr(self, f.name)!r}")
         cap = self.logit_softcap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < math.inf):
             raise ValueError(f"GPTConfig.logit_softcap must be a positive number or None, got {cap!r}")
@@ -95,103 +96,14 @@ class GPTConfig:
         return cls(**{k: v for k, v in args.items() if k in names})
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
-
-    Decoding one token then costs one token's compute: attention reads the cached keys and values of all
-    earlier positions instead of recomputing them. `pos` counts the positions already cached.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
-        self.n_layer, self.batch_size = config.n_layer, batch_size
-        self.max_len = max_len or config.block_size
-        self.head_shape = (config.n_head, config.n_embd // config.n_head)
-        self.k: torch.Tensor | None = None  # allocated on first use with the dtype/device of the keys
-        self.v: torch.Tensor | None = None
-        self.pos = 0
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values (B, nh, T, hs) of `layer`; return all cached ones up to this step."""
-        if self.k is None or self.v is None:
-            n_head, head_size = self.head_shape
-            shape = (self.n_layer, self.batch_size, n_head, self.max_len, head_size)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, length: int) -> None:
-        self.pos += length
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each of GPTConfig's string options, read from their Literal types."""
+    return {f.name: get_args(f.type) for f in fields(GPTConfig) if get_origin(f.type) is Literal}
 
 
-class SlotKVCache:
-    """Keys and values of `n_slots` independent sequences, each at its own length: continuous batching's cache.
-
-    A server decodes many requests in one forward: each holds a slot from its prefill until it finishes, and
-    requests join and leave between steps. A step feeds one token to each slot of `rows`, in that order: the
-    busy slots, or every slot so that each step has the same shape (a free slot's result is then ignored), which
-    makes the matmul kernels round each row the same way whichever other rows are busy. Attention runs slot by
-    slot over exactly that slot's keys, for the same reason (docs/serving.md, "Batching"). All memory is
-    allocated here, once.
-    """
-
-    def __init__(
-        self, config: GPTConfig, n_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-        max_len: int | None = None,
-    ):
-        self.config = config
-        self.max_len = max_len or config.block_size
-        shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = [0] * n_slots  # positions cached per slot
-        self.busy = [False] * n_slots
-        self.rows = list(range(n_slots))  # the slots the next step feeds
-
-    @property
-    def pos(self) -> torch.Tensor:
-        """The length of each slot of `rows`, (len(rows), 1): where its next token goes."""
-        return torch.tensor([self.lengths[s] for s in self.rows], device=self.k.device).unsqueeze(1)
-
-    def slot(self, index: int) -> KVCache:
-        """A batch-1 KVCache over the storage of slot `index`, empty: prefill a prompt into it, then `occupy`."""
-        view = KVCache(self.config, 1, self.max_len)
-        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
-        return view
-
-    def occupy(self, index: int, length: int) -> None:
-        """Slot `index` now holds a sequence of `length` cached positions."""
-        self.lengths[index], self.busy[index] = length, True
-
-    def copy(self, source: int, target: int) -> None:
-        """Occupy `target` with a copy of `source`'s sequence (several samples of one prompt share its prefill)."""
-        end = self.lengths[source]
-        self.k[:, target, :, :end] = self.k[:, source, :, :end]
-        self.v[:, target, :, :end] = self.v[:, source, :, :end]
-        self.occupy(target, end)
-
-    def free(self, index: int) -> None:
-        self.lengths[index], self.busy[index] = 0, False
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new token's keys/values (len(rows), nh, 1, hs) of `layer`, each at its slot's own position;
-        return the whole cache of `layer`, (n_slots, nh, max_len, hs): a slot is valid up to its length + 1."""
-        if k.size(2) != 1:
-            raise ValueError("a SlotKVCache step takes one token per slot; prefill each slot through `slot`")
-        rows, pos = torch.tensor(self.rows, device=k.device), self.pos.squeeze(1)
-        self.k[layer, rows, :, pos] = k[:, :, 0]
-        self.v[layer, rows, :, pos] = v[:, :, 0]
-        return self.k[layer], self.v[layer]
-
-    def advance(self, length: int) -> None:
-        for s in self.rows:
-            if self.busy[s]:
-                self.lengths[s] += length
+# The fields that fix a model's shape and function, which a run keeps for its life: all but the vocabulary
+# (the dataset's) and dropout (a training choice, changed freely on resume or finetuning).
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout"))
 
 
 def norm(config: GPTConfig) -> nn.Module:
@@ -252,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer  # index into the KV cache
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | SlotKVCache | None = None
+        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: "Cache | None" = None
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -265,39 +177,13 @@ class CausalSelfAttention(nn.Module):
             k = F.rms_norm(k, (k.size(-1),), eps=NORM_EPS)
         if rope is not None:  # after the norm, as modded-nanogpt: a rotation keeps the RMS anyway
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if isinstance(kv_cache, SlotKVCache):
-            y = self.attend_per_slot(q, k, v, kv_cache)
-            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)
-        # Causal attention. The queries sit at positions past..past+T-1 and see every key up to their own
-        # position: a plain causal mask when nothing is cached, none for a single new token, and an offset
-        # mask for a chunk after a cached prefix (is_causal would align the mask to the top-left).
-        mask = None
-        if past and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if kv_cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        else:
+            y = kv_cache.attend(self.layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
-
-    def attend_per_slot(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
-        """Each busy slot's new query attends to that slot's keys only, exactly as many as it has; free slots
-        get zeros. One attention call per slot keeps a row's result independent of the other rows' lengths."""
-        keys, values = cache.update(self.layer, k, v)
-        y = torch.zeros_like(q)
-        for row, slot in enumerate(cache.rows):
-            if cache.busy[slot]:
-                end = cache.lengths[slot] + 1  # the cached positions and the new token
-                # slices keep every tensor 4-D: SDPA's fused CPU kernel, not its slower 3-D fallback
-                y[row : row + 1] = F.scaled_dot_product_attention(
-                    q[row : row + 1], keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end]
-                )
-        return y
 
 
 class MLP(nn.Module):
@@ -346,7 +232,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: KVCache | SlotKVCache | None = None
+        self, x: torch.Tensor, rope: Rope | None = None, kv_cache: "Cache | None" = None
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
         x = x + self.mlp(self.ln_2(x))
@@ -409,7 +295,7 @@ class GPT(nn.Module):
         return n_params
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "Cache | None" = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and loss. With targets: logits of every position and the mean cross-entropy (targets of
         -1 are ignored). Without: logits of the last position only, shape (B, 1, vocab_size).
@@ -426,7 +312,7 @@ class GPT(nn.Module):
         logits = self.head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
         return logits, None
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: "Cache | None" = None) -> torch.Tensor:
         """The final normalized hidden states (B, T, n_embd) that `head` turns into logits; scoring applies the
         head only at the positions it scores."""
         T = idx.size(1)

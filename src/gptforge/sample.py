@@ -8,33 +8,32 @@ A seed fixes every draw, so the same options give the same text.
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from gptforge.config import resolve_device, resolve_dtype
 from gptforge.errors import GptforgeError
-from gptforge.generate import optimize_for_decoding, stream
+from gptforge.generate import decoding_model, stream
+from gptforge.options import option
 from gptforge.source import SourceOptions
-from gptforge.tokenizer import Tokenizer
+from gptforge.tokenizer import TextStream, Tokenizer, check_token_ids, encode_prompt
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
-REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character that is not complete yet
 
 
 @dataclass
 class SampleOptions(SourceOptions):
-    start: str = field(default="\n", metadata={"help": "the prompt, or FILE:path to read it from a file"})
-    num_samples: int = field(default=10, metadata={"help": "samples to draw"})
-    max_new_tokens: int = field(default=500, metadata={"help": "tokens generated per sample"})
-    temperature: float = field(default=0.8, metadata={"help": "1.0 as trained, lower is surer, 0 is greedy"})
-    top_k: int | None = field(default=200, metadata={"help": "keep only the k likeliest tokens (None: all)"})
-    top_p: float | None = field(default=None, metadata={"help": "keep the likeliest tokens holding this mass"})
-    seed: int = field(default=1337, metadata={"help": "the same seed gives the same text"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    stream: bool = field(default=True, metadata={"help": "print tokens as they come, else each sample whole"})
+    start: str = option("\n", "the prompt, or FILE:path to read it from a file")
+    num_samples: int = option(10, "samples to draw")
+    max_new_tokens: int = option(500, "tokens generated per sample")
+    temperature: float = option(0.8, "1.0 as trained, lower is surer, 0 is greedy")
+    top_k: int | None = option(200, "keep only the k likeliest tokens (None: all)")
+    top_p: float | None = option(None, "keep the likeliest tokens holding this mass")
+    seed: int = option(1337, "the same seed gives the same text")
+    compile: bool = option(False, "torch.compile the model")
+    stream: bool = option(True, "print tokens as they come, else each sample whole")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,29 +51,6 @@ class SampleOptions(SourceOptions):
             raise GptforgeError(f"--seed={self.seed} must be >= 0")
 
 
-class TextStream:
-    """Token ids in, finished text out: tokens whose text ends in an incomplete character wait for the rest."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.pending: list[int] = []
-
-    def push(self, token: int) -> str:
-        """The text completed by `token`, possibly empty."""
-        self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith(REPLACEMENT):
-            return ""
-        self.pending.clear()
-        return text
-
-    def flush(self) -> str:
-        """Whatever is still held, as it decodes (at the end of a sample)."""
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending.clear()
-        return text
-
-
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
     """The ids of `--start` (text, or FILE:path); an empty prompt starts from end-of-text where there is one."""
     if start.startswith("FILE:"):
@@ -83,12 +59,7 @@ def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
             start = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise GptforgeError(f"--start=FILE:{path}: cannot read it ({type(e).__name__})") from None
-    ids = tokenizer.encode(start)
-    if not ids:
-        if tokenizer.eot_token is None:
-            raise GptforgeError("--start is empty and this tokenizer has no end-of-text token; give a prompt")
-        ids = [tokenizer.eot_token]
-    return ids
+    return encode_prompt(tokenizer, start, "--start")
 
 
 class Sampler:
@@ -98,15 +69,11 @@ class Sampler:
         self.opts = opts
         source = opts.load()
         model, self.tokenizer = source.model, source.tokenizer
-        self.device = resolve_device(opts.device)
-        dtype = getattr(torch, resolve_dtype(opts.dtype, self.device))
-        # Decoding streams every weight once per token, so the weights themselves take the dtype (half the
-        # bytes in 16 bits) rather than an autocast over fp32 weights.
-        model = optimize_for_decoding(model.to(device=self.device, dtype=dtype).eval())
+        self.device, dtype = opts.placement()
+        model = decoding_model(model, self.device, dtype)
         self.model: torch.nn.Module = torch.compile(model) if opts.compile else model
         self.prompt = prompt_ids(opts.start, self.tokenizer)
-        if max(self.prompt) >= model.config.vocab_size:
-            raise GptforgeError(f"the prompt has token ids the {model.config.vocab_size}-token model does not know")
+        check_token_ids(max(self.prompt), model.config.vocab_size, "the prompt")
 
     def samples(self) -> Iterator[Iterator[str]]:
         """`num_samples` samples, each the prompt's text and then its new text piece by piece."""

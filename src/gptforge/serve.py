@@ -35,9 +35,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptforge.batching import Engine, EngineStopped, InvalidJob, Job, Piece, QueueFull, Sampling
-from gptforge.config import resolve_device, resolve_dtype
 from gptforge.errors import GptforgeError
-from gptforge.generate import optimize_for_decoding
+from gptforge.generate import decoding_model
 from gptforge.source import SourceOptions
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -484,9 +483,8 @@ def serve(opts: ServeOptions) -> None:
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     source = opts.load()
-    device = resolve_device(opts.device)
-    dtype = getattr(torch, resolve_dtype(opts.dtype, device))
-    model = optimize_for_decoding(source.model.to(device=device, dtype=dtype).eval())
+    device, dtype = opts.placement()
+    model = decoding_model(source.model, device, dtype)
     engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
     model_id = model_name(opts.init_from, opts.out_dir)
     app = create_app(engine, model_id, opts)

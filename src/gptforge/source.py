@@ -1,19 +1,19 @@
 """Where a model comes from for the commands that use one (sample, eval, serve): `init_from` names a training
 run (`resume`, with `out_dir`), a directory written by `gptforge export` or transformers, or an HF GPT-2
-(`gpt2`, `gpt2-medium`, ...). Each comes with the tokenizer it was trained with.
+(`gpt2`, `gpt2-medium`, ...). Each comes with the tokenizer it was trained with. `SourceOptions` are those
+commands' shared options: which model, and the device and dtype it runs in.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from gptforge import export
-from gptforge.errors import GptforgeError
+from gptforge.device import check_dtype, resolve_device, resolve_dtype
 from gptforge.model import GPT
+from gptforge.options import option
 from gptforge.runs import dataset_dir, load_run
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -51,20 +51,20 @@ def load_source(
 class SourceOptions:
     """The options of every command that loads a model (sample, eval, serve): which one, where it runs, in what."""
 
-    init_from: str = field(
-        default="resume", metadata={"help": "resume (the run in out_dir), gpt2*, or a model directory"}
-    )
-    out_dir: str = field(default="out", metadata={"help": "the run to use (init_from=resume)"})
-    which: Literal["best", "latest"] = field(default="best", metadata={"help": "the run's best or latest checkpoint"})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "where the run's dataset (its tokenizer) lives, if it moved"}
-    )
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, mps; auto: the best there is"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16; auto follows the device"})
+    init_from: str = option("resume", "resume (the run in out_dir), gpt2*, or a model directory")
+    out_dir: str = option("out", "the run to use (init_from=resume)")
+    which: Literal["best", "latest"] = option("best", "the run's best or latest checkpoint")
+    data_dir: str | None = option(None, "where the run's dataset (its tokenizer) lives, if it moved")
+    device: str = option("auto", "cpu, cuda, cuda:1, mps; auto: the best there is")
+    dtype: str = option("auto", "float32, bfloat16, float16; auto follows the device")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *DTYPES):
-            raise GptforgeError(f"--dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
 
     def load(self) -> Source:
         return load_source(self.init_from, self.out_dir, self.which, self.data_dir)
+
+    def placement(self) -> tuple[str, str]:
+        """The device and dtype names the model runs on, "auto" resolved."""
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)

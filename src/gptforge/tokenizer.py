@@ -6,7 +6,9 @@
 - `bpe`: a byte-level BPE trained on the user's corpus with HF `tokenizers`, saved as `tokenizer.json`.
 
 A tokenizer describes itself as a JSON-able `spec()` and `from_spec` rebuilds it; that is how meta.json stores it.
-This module knows nothing about token files, splits or models.
+Beside them, what every command that talks to a model needs from the text side: a prompt's ids (`encode_prompt`),
+the check that ids fit a model's vocabulary (`check_token_ids`) and generated ids back into complete text
+(`TextStream`). This module knows nothing about token files, splits or models beyond a vocabulary's size.
 """
 
 import functools
@@ -27,6 +29,7 @@ from gptforge.errors import GptforgeError
 from gptforge.mirror import HOW_TO_MIRROR, Remote, in_mirror, mirror_dir
 
 EOT = "<|endoftext|>"
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character that is not complete yet
 GPT2_ENCODER_JSON = Remote(
     url="https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
     mirror_path="gpt2/encoder.json",
@@ -254,3 +257,46 @@ def from_spec(spec: dict[str, Any], directory: Path, mirror: Path | None = None)
     raise GptforgeError(
         f"unknown tokenizer kind {kind!r} in {directory}/meta.json; known: {', '.join(KINDS)}"
     )
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, what: str = "the prompt") -> list[int]:
+    """The ids of a prompt; an empty prompt starts from end-of-text, as GPT-2 was trained to begin a document.
+    A tokenizer without end-of-text cannot start from nothing: an error naming `what` says so."""
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.eot_token is None:
+        raise GptforgeError(f"{what} is empty and this tokenizer has no end-of-text token; give a prompt")
+    return [tokenizer.eot_token]
+
+
+def check_token_ids(max_id: int, vocab_size: int, what: str) -> None:
+    """`what` (a prompt, a dataset) holds ids up to `max_id`: all must be rows of a `vocab_size`-token model."""
+    if max_id >= vocab_size:
+        raise GptforgeError(
+            f"{what} has token ids the {vocab_size}-token model does not know (up to {max_id}, the model's last is "
+            f"{vocab_size - 1})"
+        )
+
+
+class TextStream:
+    """Token ids in, finished text out: tokens whose text ends in an incomplete character wait for the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text completed by `token`, possibly empty."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith(REPLACEMENT):
+            return ""
+        self.pending.clear()
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held, as it decodes (at the end of a sample)."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending.clear()
+        return text

@@ -10,7 +10,6 @@ exactly what an uninterrupted one would have done.
 """
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import math
@@ -30,18 +29,23 @@ from gptforge import __version__
 from gptforge import distributed as distrib
 from gptforge.atomic import atomic_write_text
 from gptforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gptforge.config import TrainConfig, load_train_config, resolve_compile, resolve_device, resolve_dtype
+from gptforge.config import TrainConfig, load_train_config
 from gptforge.data import Batches, Meta, TokenDataset
+from gptforge.device import (
+    device_type,
+    enable_tf32,
+    keep_freed_memory,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+    torch_dtype,
+)
 from gptforge.errors import GptforgeError
 from gptforge.metrics import MetricsLog
-from gptforge.model import GPT, GPTConfig
+from gptforge.model import GPT, MODEL_KEYS, GPTConfig
 from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
+from gptforge.tokenizer import check_token_ids
 
-# Config keys that are the model's (GPTConfig fields): a resumed run must not change them.
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "gelu_approximate",
-              "qk_norm", "tie_embeddings", "logit_softcap", "zero_init_proj")
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -78,22 +82,6 @@ def train(cfg: TrainConfig) -> Progress:
         distrib.teardown()
 
 
-def keep_freed_memory() -> None:
-    """On glibc, let freed activation memory be reused instead of handed back to the OS after every step.
-
-    A CPU step frees and reallocates the same activation buffers each iteration; past glibc's mmap and trim
-    thresholds each comes back as fresh pages that fault in and are zeroed again: over a thousand page faults
-    per step of the CPU quick start, about a tenth of its time (docs/benchmarks.md). Raised thresholds keep those
-    pages in the heap, as a caching allocator (jemalloc, tcmalloc, PyTorch's own on CUDA) would.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 28)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
 class Trainer:
     """The state of one training run; `run()` is the loop."""
 
@@ -106,11 +94,10 @@ class Trainer:
         self.cfg, self.d = cfg, d
         self.out_dir = Path(cfg.out_dir)
         self.accum = cfg.gradient_accumulation_steps // d.world_size  # micro-steps per process
-        self.device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device.split(":")[0]
-        self.ptdtype = DTYPES[cfg.dtype]
+        self.device_type = device_type(cfg.device)
+        self.ptdtype = torch_dtype(cfg.dtype)
         if self.device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
-            torch.backends.cudnn.allow_tf32 = True
+            enable_tf32()
         if self.device_type == "cpu":
             keep_freed_memory()
         self.autocast = (
@@ -132,10 +119,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them as they are)
         self.raw = self._build_model(ckpt).to(cfg.device)
         self._seed_everything()
-        if self.meta.vocab_size > self.raw.config.vocab_size:
-            raise GptforgeError(
-                f"dataset {cfg.dataset} has {self.meta.vocab_size} tokens but the model only {self.raw.config.vocab_size}"
-            )
+        check_token_ids(self.meta.vocab_size - 1, self.raw.config.vocab_size, f"dataset {cfg.dataset}")
         self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
         self.optimizer = build_optimizer(
             self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device_type,
@@ -168,8 +152,7 @@ class Trainer:
         if cfg.init_from == "scratch":
             # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they are
             vocab_size = 50304 if self.meta.tokenizer.get("kind") == "gpt2" else self.meta.vocab_size
-            model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-            return GPT(GPTConfig(**model_args, vocab_size=vocab_size, dropout=cfg.dropout))
+            return GPT(cfg.model_config(vocab_size))
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
