@@ -23,7 +23,7 @@ import torch
 
 from gptforge import GPT, GPTConfig
 from gptforge.device import resolve_device, resolve_dtype
-from gptforge.evaluate import TASK_FUNCTIONS, Context, EvalOptions, Request, Scorer
+from gptforge.evaluate import TASK_FUNCTIONS, EvalOptions, Request, Scorer, TaskInputs
 from gptforge.source import Source, load_source
 from gptforge.tokenizer import GPT2Tokenizer
 
@@ -77,7 +77,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         opts = EvalOptions(task=task, limit=args.limit, progress=False)
         t0 = time.perf_counter()
-        groups, _ = TASK_FUNCTIONS[task](Context(source, opts))
+        groups, _ = TASK_FUNCTIONS[task](TaskInputs(source, opts))
         tokenize = time.perf_counter() - t0
         tokens = sum(len(r.tokens) - 1 for g in scorer.fit(groups) for r in g)
         time_scorer(scorer, groups[:4])  # warm-up: first-touch allocations, kernel selection

@@ -41,7 +41,7 @@ def corpus_path() -> Path:
 def one(mode: str, path: Path) -> dict:
     """Run one measurement in this process: seconds and CPU seconds of the timed part, and how many encode calls
     were in flight on average (2 on 2 cores means the tokenizer threads never waited for work)."""
-    from gptforge.datasets import TextOptions, prepare_text
+    from gptforge.data.prepare import TextOptions, prepare_text
     from gptforge.tokenizer import GPT2Tokenizer, gpt2_encoding
 
     busy = []

@@ -1,6 +1,6 @@
-"""Tests for gptforge.config: `--key=value` parsing and coercion to dataclass field types, TrainConfig from
-TOML files and nanoGPT's own config/*.py files (copies in tests/fixtures/nanogpt_config), the shipped configs/,
-and the one-line errors for what a user gets wrong.
+"""Tests for gptforge.config: TrainConfig from TOML files and nanoGPT's own config/*.py files (copies in
+tests/fixtures/nanogpt_config), the shipped configs/, the one-line errors for what a user gets wrong, and the
+model keys: every GPTConfig field reaches training, resume, bench and the HF export.
 
     .venv/bin/python -m pytest tests/test_config.py
 """
@@ -9,67 +9,24 @@ import dataclasses
 import os
 import subprocess
 import sys
+import typing
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
+from tiny_run import char_dataset
 
+from gptforge import GPT, GPTConfig
+from gptforge.bench import BenchOptions, train_config
 from gptforge.config import TrainConfig, load_train_config, read_nanogpt_config
-from gptforge.device import resolve_compile
+from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
-from gptforge.options import apply_overrides, split_args
-
-
-@dataclass
-class Options:
-    max_iters: int = 100
-    learning_rate: float = 6e-4
-    compile: bool = True
-    device: str = "cpu"
-    top_k: int | None = 200
-    init_from: str | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-
-
-def test_split_args():
-    positional, options = split_args(["configs/a.toml", "--max_iters=5", "--learning-rate=1e-3", "b.py"])
-    assert positional == ["configs/a.toml", "b.py"]
-    assert options == {"max_iters": "5", "learning_rate": "1e-3"}
-    assert split_args(["--compile"]) == ([], {"compile": "True"})  # a bare flag is True
-    assert apply_overrides(Options(), split_args(["--compile"])[1]).compile is True
-    with pytest.raises(GptforgeError, match="--key=value"):
-        split_args(["--=3"])
-    with pytest.raises(GptforgeError, match="--max_iters=True is not an integer"):
-        apply_overrides(Options(), split_args(["--max_iters"])[1])
-
-
-def test_values_are_coerced_to_field_types():
-    opts = apply_overrides(Options(), {"max_iters": "1e4", "learning_rate": "1", "compile": "False",
-                                       "device": "cuda:1", "top_k": "None", "init_from": "gpt2",
-                                       "betas": "(0.8, 0.99)"})
-    assert opts == Options(max_iters=10000, learning_rate=1.0, compile=False, device="cuda:1", top_k=None,
-                           init_from="gpt2", betas=(0.8, 0.99))
-    assert isinstance(opts.max_iters, int) and isinstance(opts.learning_rate, float)
-    assert apply_overrides(Options(), {"device": "'mps'", "top_k": "5"}) == Options(device="mps", top_k=5)
-    assert apply_overrides(Options(), {"max_iters": 7}).max_iters == 7  # already-parsed values pass through
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "message"),
-    [
-        ("max_iters", "2.5", "--max_iters=2.5 is not an integer"),
-        ("max_iters", "True", "is not an integer"),
-        ("compile", "yes", "is not a bool"),
-        ("learning_rate", "fast", "is not a number"),
-        ("betas", "0.9", "is not a list"),
-        ("max_itres", "5", r"unknown option --max_itres \(did you mean --max_iters\?\)"),
-    ],
-)
-def test_bad_values_are_one_line_errors(key, value, message):
-    with pytest.raises(GptforgeError, match=message):
-        apply_overrides(Options(), {key: value})
-
+from gptforge.hf import ARCHITECTURE_OPTIONS
+from gptforge.model import MODEL_KEYS
+from gptforge.options import split_args
+from gptforge.train import Trainer, train
 
 # ---------------------------------------------------------------------------------------------------------------
 # TrainConfig from files: nanoGPT's own configs, the shipped TOML files, and the errors a user can make.
@@ -267,8 +224,6 @@ def test_command_line_values_are_parsed_and_coerced():
     assert (cfg.max_iters, cfg.learning_rate, cfg.compile, cfg.device, cfg.init_from, cfg.dtype) == (
         10000, 1.0, False, "cuda:1", "gpt2-medium", "bfloat16")
     assert type(cfg.max_iters) is int and type(cfg.learning_rate) is float
-    # None only for optional fields.
-    assert apply_overrides(Options(), {"top_k": "None", "init_from": "None"}) == Options(top_k=None, init_from=None)
     with pytest.raises(GptforgeError, match=r"^--max_iters=None is not an integer$"):
         load_train_config([], {"max_iters": "None"})
     with pytest.raises(GptforgeError, match=r"^unknown option --n_layr \(did you mean --n_layer\?\)$"):
@@ -293,8 +248,55 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path):
     assert result.stdout == "" and not (tmp_path / "out").exists()
 
 
-def test_compile_defaults_on_for_cuda_only():
-    assert TrainConfig().compile is None
-    assert resolve_compile(None, "cuda") and resolve_compile(None, "cuda:1")
-    assert not resolve_compile(None, "cpu") and not resolve_compile(None, "mps")
-    assert resolve_compile(True, "cpu") and not resolve_compile(False, "cuda")
+# -- the model keys: GPTConfig's fields are the one list; every field reaches training, resume, bench, HF --
+
+SMALL = dict(n_layer=1, n_head=2, n_embd=16, block_size=16)
+
+
+def other_value(name: str):
+    """A valid value of GPTConfig field `name` other than TrainConfig's default; a field of a new kind fails here,
+    loudly, until this test knows how to vary it."""
+    f = {f.name: f for f in dataclasses.fields(GPTConfig)}[name]
+    default = getattr(TrainConfig(), name)
+    if typing.get_origin(f.type) is typing.Literal:
+        return next(v for v in typing.get_args(f.type) if v != default)
+    if f.type is bool:
+        return not default
+    if f.type is int:
+        return 2 * SMALL[name]
+    if f.type == float | None:
+        return 30.0
+    raise AssertionError(f"teach test_config.other_value to vary GPTConfig.{name} ({f.type})")
+
+
+def small_config(tmp_path, **changes) -> TrainConfig:
+    return TrainConfig(**{**SMALL, **changes}, dataset="sonnet", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+                       batch_size=2, gradient_accumulation_steps=1, device="cpu", dtype="float32", compile=False)
+
+
+@pytest.mark.parametrize("name", MODEL_KEYS)
+def test_every_model_key_reaches_training_resume_bench_and_hf_export(tmp_path, name):
+    char_dataset(tmp_path / "data")
+    value = other_value(name)
+    # training from scratch builds the model the options describe
+    changed = small_config(tmp_path, **{name: value})
+    assert getattr(Trainer(changed, Dist()).raw.config, name) == value
+    # the bench's step is the trainer's, with the same key
+    bench_cfg = train_config(BenchOptions(**{**SMALL, name: value}), str(tmp_path / "data"), "sonnet")
+    assert getattr(bench_cfg, name) == value
+    # resuming a run with the key changed is refused, naming it
+    train(dataclasses.replace(small_config(tmp_path), max_iters=1, eval_interval=1, eval_iters=1))
+    with pytest.raises(GptforgeError, match=rf"cannot resume .*\({name} "):
+        Trainer(dataclasses.replace(changed, init_from="resume"), Dist())
+    # an HF export is the same function in transformers, or refused naming the option
+    torch.manual_seed(0)
+    model = GPT(changed.model_config(vocab_size=40)).eval()
+    if name in ARCHITECTURE_OPTIONS:
+        with pytest.raises(GptforgeError, match=f"{name}={value!r}"):
+            model.to_hf(tmp_path / "hf")
+        return
+    model.to_hf(tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx, idx)[0], atol=1e-5, rtol=1e-5)

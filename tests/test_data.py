@@ -1,4 +1,5 @@
-"""Tests for gptforge.data: the token-file format, the memory-mapped dataset and the batch sampler.
+"""Tests for gptforge.data's reading side (files.py, batches.py): the token-file format, the memory-mapped
+dataset and the batch sampler.
 
 .venv/bin/python -m pytest tests/test_data.py
 """

@@ -1,6 +1,7 @@
-"""Tests for gptforge.evaluate and gptforge.eval_data: every task against an independent reference (a tiny random
-HF GPT2LMHeadModel with GPT-2's vocabulary, scored one example at a time with plain HF forward passes) on the
-first examples of the real files in the mirror; batch-size independence; both HellaSwag formats; errors.
+"""Tests for gptforge.evaluate and gptforge.data.eval_sets: every task against an independent reference (a
+tiny random HF GPT2LMHeadModel with GPT-2's vocabulary, scored one example at a time with plain HF forward
+passes) on the first examples of the real files in the mirror; batch-size independence; both HellaSwag
+formats; errors.
 
     .venv/bin/python -m pytest tests/test_eval.py
 """
@@ -18,8 +19,8 @@ import torch
 from mirror_data import MIRROR, needs_mirror
 from tiny_run import tiny_run
 
-from gptforge import eval_data
 from gptforge.cli import main
+from gptforge.data import eval_sets
 from gptforge.errors import GptforgeError
 from gptforge.evaluate import EvalOptions, Request, Scorer, evaluate, fit_context, windows
 from gptforge.model import GPT
@@ -77,7 +78,7 @@ def run_eval(tmp_path, **options):
 
 @needs_mirror
 def test_lambada_matches_the_reference(hf_dir, hf_model, encoding, tmp_path):
-    passages = eval_data.lambada(MIRROR, tmp_path)[:N]
+    passages = eval_sets.lambada(MIRROR, tmp_path)[:N]
     totals, hits = [], []
     for text in passages:
         context, word = text.rsplit(" ", 1)
@@ -92,7 +93,7 @@ def test_lambada_matches_the_reference(hf_dir, hf_model, encoding, tmp_path):
 
 @needs_mirror
 def test_hellaswag_picks_the_reference_labels(hf_dir, hf_model, encoding, tmp_path):
-    tasks = eval_data.hellaswag(MIRROR, tmp_path)[:N]
+    tasks = eval_sets.hellaswag(MIRROR, tmp_path)[:N]
     reference, reference_norm, sums = [], [], []
     for task in tasks:
         context = encoding.encode(task.context)
@@ -124,7 +125,7 @@ def test_hellaswag_picks_the_reference_labels(hf_dir, hf_model, encoding, tmp_pa
 
 @needs_mirror
 def test_wikitext2_matches_sliding_window_reference(hf_dir, hf_model, encoding, tmp_path):
-    text = eval_data.wikitext2(MIRROR, tmp_path)
+    text = eval_sets.wikitext2(MIRROR, tmp_path)
     ids = encoding.encode(text)
     limit, stride = 6, 100
     # The reference: HF's sliding-window recipe, scoring in each window only the tokens the last one did not.
@@ -209,40 +210,40 @@ def test_both_hellaswag_formats_read_the_same_tasks(tmp_path):
     text = "".join(f"{r['ctx']}\n{r['label']}\n" + "".join(e + "\n" for e in r["endings"]) for r in hellaswag_rows())
     compact = tmp_path / "hellaswag_val_full.txt.bz2"
     compact.write_bytes(bz2.compress(text.encode()))
-    expected = [eval_data.Choice(r["ctx"], tuple(r["endings"]), r["label"]) for r in hellaswag_rows()]
-    assert eval_data.read_hellaswag_jsonl(jsonl) == expected
-    assert eval_data.read_hellaswag_text(compact) == expected
+    expected = [eval_sets.Choice(r["ctx"], tuple(r["endings"]), r["label"]) for r in hellaswag_rows()]
+    assert eval_sets.read_hellaswag_jsonl(jsonl) == expected
+    assert eval_sets.read_hellaswag_text(compact) == expected
     broken = tmp_path / "broken.txt"
     broken.write_text(text + "one more line\n")
     with pytest.raises(GptforgeError, match="not 6 per task"):
-        eval_data.read_hellaswag_text(broken)
+        eval_sets.read_hellaswag_text(broken)
 
 
 @needs_mirror
 def test_the_mirrors_hellaswag_file_has_every_task():
-    tasks = eval_data.hellaswag(MIRROR, MIRROR)
-    assert len(tasks) == eval_data.HELLASWAG_TASKS
+    tasks = eval_sets.hellaswag(MIRROR, MIRROR)
+    assert len(tasks) == eval_sets.HELLASWAG_TASKS
     assert tasks[0].context == "Roof shingle removal: A man is sitting on a roof. he" and tasks[0].label == 3
 
 
 @needs_mirror
 def test_wikitext2_is_taken_out_of_the_official_archive_when_no_mirror_has_it(tmp_path, monkeypatch):
-    raw = (MIRROR / eval_data.WIKITEXT2_TEST.mirror_path).read_bytes()
+    raw = (MIRROR / eval_sets.WIKITEXT2_TEST.mirror_path).read_bytes()
 
     def fake_fetch(content: bytes):
         def fetch(remote, mirror, dest):
-            assert remote == eval_data.WIKITEXT2_ZIP and mirror is None
+            assert remote == eval_sets.WIKITEXT2_ZIP and mirror is None
             with zipfile.ZipFile(dest, "w") as z:
-                z.writestr(eval_data.WIKITEXT2_MEMBER, content)
+                z.writestr(eval_sets.WIKITEXT2_MEMBER, content)
             return dest
         return fetch
 
-    monkeypatch.setattr(eval_data, "fetch", fake_fetch(raw[:-1] + b"!"))
+    monkeypatch.setattr(eval_sets, "fetch", fake_fetch(raw[:-1] + b"!"))
     with pytest.raises(GptforgeError, match="not the official file"):
-        eval_data.wikitext2(None, tmp_path)
+        eval_sets.wikitext2(None, tmp_path)
     assert not (tmp_path / "wiki.test.raw").exists()
-    monkeypatch.setattr(eval_data, "fetch", fake_fetch(raw))
-    assert eval_data.wikitext2(None, tmp_path) == raw.decode("utf-8")
+    monkeypatch.setattr(eval_sets, "fetch", fake_fetch(raw))
+    assert eval_sets.wikitext2(None, tmp_path) == raw.decode("utf-8")
     assert (tmp_path / "wiki.test.raw").read_bytes() == raw
 
 

@@ -1,6 +1,7 @@
-"""Tests for `gptforge serve`'s API (gptforge.serve), against a real uvicorn server on 127.0.0.1 serving a tiny
-random Hugging Face GPT-2 with the GPT-2 tokenizer: completions whole and streamed, n, prompt lists, stop strings,
-seeds, every error status, the API key, disconnects, 16 streaming clients at once and the playground page.
+"""Tests for `gptforge serve`'s API (gptforge.serve.app), against a real uvicorn server on 127.0.0.1 serving
+a tiny random Hugging Face GPT-2 with the GPT-2 tokenizer: completions whole and streamed, n, prompt lists,
+stop strings, seeds, every error status, the API key, disconnects, 16 streaming clients at once and the
+playground page.
 
     .venv/bin/python -m pytest tests/test_serve.py
 """
@@ -19,8 +20,9 @@ import pytest
 import torch
 from mirror_data import needs_mirror
 
-from gptforge.batching import Engine
-from gptforge.serve import ServeOptions, create_app, serve_in_thread
+from gptforge.serve.app import create_app
+from gptforge.serve.engine import Engine
+from gptforge.serve.server import ServeOptions, serve_in_thread
 from gptforge.source import load_source
 
 pytestmark = needs_mirror

@@ -43,7 +43,7 @@ def test_help_lists_the_options(capsys):
 
 def test_without_the_serve_extra_the_error_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
-    monkeypatch.delitem(sys.modules, "gptforge.serve", raising=False)
+    monkeypatch.delitem(sys.modules, "gptforge.serve.server", raising=False)
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == (
         "gptforge serve: error: serving needs fastapi, which is not installed: pip install 'gptforge[serve]'\n")

@@ -17,10 +17,11 @@ import pytest
 import torch
 from mirror_data import needs_mirror
 
-from gptforge.batching import Engine
 from gptforge.generate import optimize_for_decoding
 from gptforge.model import GPT, GPTConfig
-from gptforge.serve import ServeOptions, create_app, serve_in_thread
+from gptforge.serve.app import create_app
+from gptforge.serve.engine import Engine
+from gptforge.serve.server import ServeOptions, serve_in_thread
 from gptforge.tokenizer import GPT2Tokenizer
 
 pytestmark = [needs_mirror, pytest.mark.slow]

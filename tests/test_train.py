@@ -9,8 +9,6 @@ hundred steps on a CPU. Exactness is bit-for-bit: the losses of a resumed run ar
 import dataclasses
 import json
 import os
-import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -22,8 +20,7 @@ import torch
 
 from gptforge.checkpoint import load_checkpoint
 from gptforge.config import TrainConfig
-from gptforge.datasets import TextOptions, prepare_text
-from gptforge.device import keep_freed_memory
+from gptforge.data.prepare import TextOptions, prepare_text
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
 from gptforge.metrics import read_metrics
@@ -264,15 +261,3 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path, capsys):
         assert train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": max_iters})).iter_num == 10
         assert "already at iter 10" in capsys.readouterr().out  # tqdm.write prints to stdout
     assert (tmp_path / "metrics.jsonl").read_text() == history
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
-def test_freed_activation_memory_is_reused_without_page_faults():
-    keep_freed_memory()
-    for _ in range(3):  # the heap grows to hold the buffer once
-        torch.empty(1 << 20).fill_(1.0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(50):  # 4 MiB freed and allocated again, as a training step does with its activations
-        torch.empty(1 << 20).fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 50  # without the tuning each allocation faults in its 1024 pages again

@@ -4,7 +4,7 @@ from a sonnet, and 20 steps of a 2-layer model on the CPU, about a second."""
 from pathlib import Path
 
 from gptforge.config import TrainConfig
-from gptforge.datasets import TextOptions, get_dataset
+from gptforge.data.prepare import TextOptions, get_dataset
 from gptforge.train import train
 
 SONNET = """Shall I compare thee to a summer's day?

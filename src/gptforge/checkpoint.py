@@ -9,10 +9,12 @@ A run directory holds `ckpt.pt`, the latest checkpoint (the name nanoGPT uses), 
 the lowest val loss. Each is replaced by an atomic rename, so a crash at any moment leaves both loadable.
 """
 
+import json
 import os
 import pickle
 import random
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from gptforge.atomic import atomic_path
 from gptforge.errors import GptforgeError
@@ -27,6 +31,7 @@ from gptforge.model import GPT, GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"  # the latest
 BEST_NAME = "best.pt"
+LEGACY_HEAD = b"\x80\x02\x8a"  # PROTO 2, LONG1: how torch.save's legacy format begins
 # Prefixes that wrappers add to state-dict keys: torch.compile and DistributedDataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Causal-mask buffers that nanoGPT (without flash attention) and old HF GPT-2 checkpoints carry.
@@ -51,6 +56,46 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if not key.endswith(_MASK_BUFFER_SUFFIXES):
             clean[key] = value
     return clean
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a file that is not JSON is an error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptforgeError(f"{path} is not valid JSON ({e}); restore it or export the model again") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or damaged one is an error naming it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptforgeError(f"{path} is not a readable safetensors file ({e}); is the file complete?") from None
+
+
+def read_weights_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `pytorch_model.bin` (a pickle), loaded weights-only: a pickle that would run code is
+    refused, and a damaged one is an error naming it."""
+    try:
+        # weights_only: a .bin is a pickle, and a pickle from the internet must never run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptforgeError(f"{path} is a pickle that names code to run ({reason}); gptforge never runs it: use "
+                            "the model's model.safetensors instead") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise GptforgeError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+
+
+def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Every tensor of `state_dict` that `model` has must have its shape: else an error naming the first that
+    differs and `what` implies the model's shape (its config)."""
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise GptforgeError(f"{what} imply {key} of shape {tuple(expected[key].shape)}, but the file holds "
+                                f"{tuple(value.shape)}: the weights and the config do not belong together")
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
@@ -140,34 +185,69 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint file, or a run directory's latest or best, refusing anything that needs unpickling."""
     path = checkpoint_file(path, which)
+    kind = _file_kind(path)
     try:
-        # mmap: tensors are read from the file as they are used, not all into memory first
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        # mmap (zip checkpoints only): tensors are read from the file as they are used, not all into memory first
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GptforgeError(
             f"{path} is not a safe checkpoint: loading it would unpickle arbitrary objects ({reason}); "
             "gptforge never does that. Re-save its tensors with torch.save of plain dicts in a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise GptforgeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); is the file complete?") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        what = {"zip": "a damaged zip archive", "pickle": "a pickle but not one torch.save wrote"}[kind]
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptforgeError(f"{path} is not a readable checkpoint: it is {what} ({reason})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_args"), dict) or "model" not in ckpt:
         raise GptforgeError(f"{path} is not a gptforge or nanoGPT checkpoint: it lacks 'model_args' and 'model'")
     return ckpt
 
 
+def _file_kind(path: Path) -> Literal["zip", "pickle"]:
+    """torch.save's zip format, or its legacy pickle format; an empty, truncated or foreign file is an error
+    naming which it is."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise GptforgeError(f"{path} is not a readable checkpoint: it is empty (0 bytes), its write never finished; "
+                            "use another checkpoint or retrain")
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            raise GptforgeError(f"{path} is not a readable checkpoint: it is truncated, a zip archive without its end "
+                                "(was it still being written or copied?); use another checkpoint or retrain")
+        return "zip"
+    if head.startswith(LEGACY_HEAD):  # torch.save's legacy format: a protocol-2 pickle of its magic number first
+        return "pickle"
+    if head[0] == 0x80:  # a pickle's protocol opcode
+        raise GptforgeError(f"{path} is not a readable checkpoint: it is a plain pickle (pickle.dump), not "
+                            "torch.save's format, and gptforge never unpickles one; re-save it with torch.save")
+    raise GptforgeError(f"{path} is not a readable checkpoint: it is neither torch.save's zip format nor its "
+                        "legacy one")
+
+
 def load_model(
     path: str | Path, override_args: dict[str, Any] | None = None, which: Literal["latest", "best"] = "best"
 ) -> GPT:
-    """A `GPT` from a gptforge or nanoGPT checkpoint (a run directory gives its best), on the CPU.
+    """A `GPT` from a gptforge or nanoGPT checkpoint (a run directory gives its best), on the CPU."""
+    return model_from_checkpoint(load_checkpoint(path, which=which), path, override_args)
 
-    nanoGPT checkpoints carry no `gelu_approximate`: nanoGPT always trained with the exact erf GELU, so a
-    missing field means "none". `override_args` replaces config fields (e.g. `{"dropout": 0.0}`).
+
+def saved_model_args(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `GPTConfig` fields. nanoGPT's carry no `gelu_approximate`: nanoGPT always trained with the
+    exact erf GELU, so a missing field means "none"."""
+    return {"gelu_approximate": "none", **ckpt["model_args"]}
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, override_args: dict[str, Any] | None = None) -> GPT:
+    """The `GPT` of a checkpoint already read from `path` (named in errors).
+
+    `override_args` replaces config fields (e.g. `{"dropout": 0.0}`).
     """
-    ckpt = load_checkpoint(path, which=which)
-    model_args = {"gelu_approximate": "none", **ckpt["model_args"], **(override_args or {})}
+    model_args = {**saved_model_args(ckpt), **(override_args or {})}
     model = GPT(GPTConfig.from_dict(model_args))
     state_dict = clean_state_dict(ckpt["model"])
+    check_shapes(model, state_dict, f"{path}: its model_args")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # a tied head is the embedding: writers that store the shared tensor once omit it
     tied = model.config.tie_embeddings and "transformer.wte.weight" in state_dict

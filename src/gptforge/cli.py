@@ -6,10 +6,21 @@ import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, explain
 from gptforge.options import apply_overrides, split_args, usage
 
 T = TypeVar("T")
+
+# The options that shrink what each command holds in memory, for its out-of-memory message.
+MEMORY_KNOBS = {
+    "train": "a lower --batch_size (with a higher --gradient_accumulation_steps the step's batch stays), "
+             "--block_size, or a smaller model (--n_layer, --n_embd); on a GPU also --dtype=bfloat16",
+    "sample": "a smaller --num_samples or model, or --dtype=bfloat16",
+    "eval": "a lower --batch_size, or --dtype=bfloat16",
+    "serve": "a lower --max_batch (KV cache slots), or --dtype=bfloat16",
+    "prepare": "a lower --num_proc",
+}
+MEMORY_KNOBS["bench"] = MEMORY_KNOBS["train"]
 
 USAGE = """usage: gptforge COMMAND [ARGS] [--key=value ...]
 
@@ -45,7 +56,7 @@ def _parse(argv: list[str], head: str, defaults: T, positional: int = 0) -> tupl
 
 
 def _prepare(argv: list[str]) -> None:
-    from gptforge.datasets import get_dataset, prepare_usage
+    from gptforge.data.prepare import get_dataset, prepare_usage
 
     if any(arg in ("-h", "--help") for arg in argv):
         names = [arg for arg in argv if not arg.startswith("-")]
@@ -127,7 +138,7 @@ def _plot(argv: list[str]) -> None:
 
 def _serve(argv: list[str]) -> None:
     try:
-        from gptforge.serve import ServeOptions, serve
+        from gptforge.serve.server import ServeOptions, serve
     except ModuleNotFoundError as e:
         if e.name not in ("fastapi", "uvicorn"):
             raise
@@ -160,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GPTFORGE_DEBUG"):
             raise
         print(f"{label}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = explain(e, MEMORY_KNOBS.get(name, MEMORY_KNOBS["train"]))
+        if message is None or os.environ.get("GPTFORGE_DEBUG"):
+            raise
+        print(f"{label}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{label}: interrupted", file=sys.stderr)

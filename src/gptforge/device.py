@@ -18,14 +18,29 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 
 
 def resolve_device(device: str) -> str:
-    """'auto' becomes what this machine has: cuda, else mps, else cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' becomes what this machine has: cuda, else mps, else cpu. A device this machine lacks, or a name
+    torch does not know, is an error saying what there is instead."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except (RuntimeError, TypeError):
+        kind, index = None, None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise GptforgeError(f"--device={device!r} is not a device gptforge runs on: use cpu, cuda, cuda:N, mps or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise GptforgeError(f"--device={device}: {why}; use --device=cpu, or --device=auto to take what there is")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise GptforgeError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise GptforgeError(f"--device={device}: Apple's MPS is not available here; use --device=cpu or --device=auto")
+    return device
 
 
 def resolve_compile(compile: bool | None, device: str) -> bool:

@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptforge import eval_data
-from gptforge.atomic import atomic_write_text
-from gptforge.data import TokenDataset
+from gptforge.atomic import atomic_write_text, check_writable
+from gptforge.data import TokenDataset, eval_sets
 from gptforge.device import torch_dtype
 from gptforge.errors import GptforgeError
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
 from gptforge.source import Source, SourceOptions
-from gptforge.tokenizer import Tokenizer
+from gptforge.tokenizer import Tokenizer, check_token_ids, encode_prompt
 
 TASKS = ("val", "wikitext2", "lambada", "hellaswag")
 RESULTS_FILE = "eval.json"
@@ -53,9 +52,6 @@ class EvalOptions(SourceOptions):
     )
     dataset: str | None = field(
         default=None, metadata={"help": "the prepared dataset whose val split `val` scores (default: the run's)"}
-    )
-    mirror: str | None = field(
-        default=None, metadata={"help": "local mirror tried before downloading (default: $GPTFORGE_DATA_MIRROR)"}
     )
     limit: int | None = field(
         default=None, metadata={"help": "only the first N examples (windows for val and wikitext2)"}
@@ -215,8 +211,8 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @dataclass
-class Context:
-    """What a task needs besides the scorer: the model's tokenizer and the command's options."""
+class TaskInputs:
+    """What a task reads besides the scorer: the model and its tokenizer, and the command's options."""
 
     source: Source
     opts: EvalOptions
@@ -233,18 +229,13 @@ class Context:
                 f"--task={task}: this model's {self.tokenizer.kind} tokenizer cannot encode the task's text "
                 f"({str(e).split(';')[0]}); evaluate {task} with a GPT-2 or byte-level BPE model"
             ) from None
-        if ids and max(ids) >= self.source.model.config.vocab_size:
-            raise GptforgeError(f"--task={task}: the text has token ids the model's vocabulary does not have")
+        if ids:
+            check_token_ids(max(ids), self.source.model.config.vocab_size, f"--task={task}: the text")
         return ids
 
     def context_ids(self, text: str, task: str) -> list[int]:
         """A context's ids; an empty one is end-of-text, as the harnesses give it, so the first token has one."""
-        ids = self.encode(text, task)
-        if not ids:
-            if self.tokenizer.eot_token is None:
-                raise GptforgeError(f"--task={task}: an empty context, and the tokenizer has no end-of-text token")
-            ids = [self.tokenizer.eot_token]
-        return ids
+        return self.encode(text, task) or encode_prompt(self.tokenizer, "", f"--task={task}: a context")
 
     def cache(self) -> Path:
         return Path(self.opts.data_dir or "data") / "evals"
@@ -274,38 +265,37 @@ def window_requests(tokens: np.ndarray, block_size: int, stride: int, limit: int
 Finish = Callable[[list[list[Scored]]], dict[str, Any]]
 
 
-def task_val(ctx: Context) -> tuple[list[list[Request]], Finish]:
-    directory = ctx.source.dataset
-    if ctx.opts.dataset:
-        directory = Path(ctx.opts.data_dir or "data") / ctx.opts.dataset
+def task_val(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
+    directory = inputs.source.dataset
+    if inputs.opts.dataset:
+        directory = Path(inputs.opts.data_dir or "data") / inputs.opts.dataset
     if directory is None:
         raise GptforgeError("--task=val needs a prepared dataset: name it with --dataset=NAME (e.g. openwebtext)")
     with TokenDataset(directory, "val") as split:
         tokens = np.array(split.tokens, dtype=np.int64)
-    if int(tokens.max()) >= ctx.source.model.config.vocab_size:
-        raise GptforgeError(f"{directory}/val.bin has token ids this model's vocabulary does not have")
-    block = ctx.source.model.config.block_size
-    groups = window_requests(tokens, block, block, ctx.opts.limit)
-    return groups, lambda scored: perplexity_metrics(tokens, [g[0] for g in scored], ctx.tokenizer)
+    check_token_ids(int(tokens.max()), inputs.source.model.config.vocab_size, f"{directory}/val.bin")
+    block = inputs.source.model.config.block_size
+    groups = window_requests(tokens, block, block, inputs.opts.limit)
+    return groups, lambda scored: perplexity_metrics(tokens, [g[0] for g in scored], inputs.tokenizer)
 
 
-def task_wikitext2(ctx: Context) -> tuple[list[list[Request]], Finish]:
-    block = ctx.source.model.config.block_size
-    stride = ctx.opts.stride or max(1, block // 2)
+def task_wikitext2(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
+    block = inputs.source.model.config.block_size
+    stride = inputs.opts.stride or max(1, block // 2)
     windows(0, block, stride)  # a bad stride fails before the work
-    text = eval_data.wikitext2(mirror_dir(ctx.opts.mirror), ctx.cache())
-    tokens = np.asarray(ctx.encode(text, "wikitext2"), dtype=np.int64)
-    groups = window_requests(tokens, block, stride, ctx.opts.limit)
-    return groups, lambda scored: {**perplexity_metrics(tokens, [g[0] for g in scored], ctx.tokenizer),
+    text = eval_sets.wikitext2(mirror_dir(inputs.opts.mirror), inputs.cache())
+    tokens = np.asarray(inputs.encode(text, "wikitext2"), dtype=np.int64)
+    groups = window_requests(tokens, block, stride, inputs.opts.limit)
+    return groups, lambda scored: {**perplexity_metrics(tokens, [g[0] for g in scored], inputs.tokenizer),
                                    "stride": stride}
 
 
-def task_lambada(ctx: Context) -> tuple[list[list[Request]], Finish]:
+def task_lambada(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
     groups = []
-    for text in ctx.first(eval_data.lambada(mirror_dir(ctx.opts.mirror), ctx.cache())):
+    for text in inputs.first(eval_sets.lambada(mirror_dir(inputs.opts.mirror), inputs.cache())):
         context, word = text.rsplit(" ", 1)
-        ids = ctx.context_ids(context, "lambada")
-        groups.append([Request(ids + ctx.encode(" " + word, "lambada"), len(ids))])
+        ids = inputs.context_ids(context, "lambada")
+        groups.append([Request(ids + inputs.encode(" " + word, "lambada"), len(ids))])
 
     def finish(scored: list[list[Scored]]) -> dict[str, Any]:
         targets = [g[0] for g in scored]
@@ -318,12 +308,12 @@ def task_lambada(ctx: Context) -> tuple[list[list[Request]], Finish]:
     return groups, finish
 
 
-def task_hellaswag(ctx: Context) -> tuple[list[list[Request]], Finish]:
-    tasks = ctx.first(eval_data.hellaswag(mirror_dir(ctx.opts.mirror), ctx.cache()))
+def task_hellaswag(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
+    tasks = inputs.first(eval_sets.hellaswag(mirror_dir(inputs.opts.mirror), inputs.cache()))
     groups = []
     for task in tasks:
-        ids = ctx.context_ids(task.context, "hellaswag")
-        groups.append([Request(ids + ctx.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings])
+        ids = inputs.context_ids(task.context, "hellaswag")
+        groups.append([Request(ids + inputs.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings])
 
     def finish(scored: list[list[Scored]]) -> dict[str, Any]:
         correct = correct_norm = 0
@@ -336,7 +326,7 @@ def task_hellaswag(ctx: Context) -> tuple[list[list[Request]], Finish]:
     return groups, finish
 
 
-TASK_FUNCTIONS: dict[str, Callable[[Context], tuple[list[list[Request]], Finish]]] = {
+TASK_FUNCTIONS: dict[str, Callable[[TaskInputs], tuple[list[list[Request]], Finish]]] = {
     "val": task_val, "wikitext2": task_wikitext2, "lambada": task_lambada, "hellaswag": task_hellaswag,
 }
 
@@ -356,15 +346,16 @@ def results_path(opts: EvalOptions, source: Source) -> Path:
 def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str, Any]]:
     """Run each task of `opts`, print a table (and JSON lines), merge the results into the results file."""
     out = out or sys.stdout
+    device, dtype = opts.placement()
     source = opts.load()
     path = results_path(opts, source)
+    check_writable(path, "--to", directory=False)
     saved = read_results(path)  # before any work: a file that cannot take the results fails now
-    device, dtype = opts.placement()
     scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
-    ctx = Context(source, opts)
+    inputs = TaskInputs(source, opts)
     results = {}
     for task in opts.tasks():
-        groups, finish = TASK_FUNCTIONS[task](ctx)
+        groups, finish = TASK_FUNCTIONS[task](inputs)
         metrics = finish(scorer.score(groups, task))
         results[task] = {"task": task, **metrics}
     about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,

@@ -1,7 +1,8 @@
 """`gptforge export`: a run's weights, without optimizer or training state, in a format other tools load.
 
-- `hf`: a Hugging Face GPT-2 directory (`config.json` + `model.safetensors`) that
-  `transformers.GPT2LMHeadModel.from_pretrained` loads as the same function (hf.py does the conversion).
+- `hf`: a Hugging Face GPT-2 directory (`config.json`, `generation_config.json`, `model.safetensors`) that
+  `transformers.GPT2LMHeadModel.from_pretrained` loads as the same function, and the run's tokenizer as
+  `AutoTokenizer` loads it (`tokenizer.json`, `tokenizer_config.json`; hf.py does both conversions).
 - `safetensors`: gptforge's own state dict (nn.Linear layout, the tied head stored once) as `model.safetensors`
   plus `config.json` holding the `GPTConfig`, read back by `load_export`.
 
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gptforge import __version__
-from gptforge.atomic import atomic_path, atomic_write_text
+from gptforge.atomic import atomic_path, atomic_write_text, check_writable
+from gptforge.checkpoint import check_shapes, read_json, read_safetensors
 from gptforge.errors import GptforgeError
+from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT, GPTConfig
 from gptforge.runs import load_run
@@ -43,6 +46,9 @@ class ExportOptions:
     data_dir: str | None = field(
         default=None, metadata={"help": "where the run's dataset lives, if not where it was trained"}
     )
+    mirror: str | None = field(
+        default=None, metadata={"help": "local mirror of the tokenizer files (default: $GPTFORGE_DATA_MIRROR)"}
+    )
 
 
 def export(opts: ExportOptions) -> Path:
@@ -50,11 +56,11 @@ def export(opts: ExportOptions) -> Path:
     if not opts.to:
         raise GptforgeError("name the output directory: --to=DIR")
     to = Path(opts.to)
-    if to.exists() and not to.is_dir():
-        raise GptforgeError(f"--to={to} is a file; name a directory")
-    run = load_run(opts.out_dir, opts.which, opts.data_dir)
+    check_writable(to, "--to")
+    run = load_run(opts.out_dir, opts.which, opts.data_dir, mirror_dir(opts.mirror))
     if opts.format == "hf":
-        run.model.to_hf(to)
+        save_hf_gpt2(run.model, to, run.tokenizer.eot_token)
+        save_hf_tokenizer(run.tokenizer, to, run.model.config.block_size)
     else:
         save_export(run.model, to)
     save_tokenizer(run.tokenizer, to)
@@ -86,9 +92,10 @@ def is_export(directory: str | Path) -> bool:
 def load_export(directory: str | Path) -> GPT:
     """The model of a safetensors export (dropout off, on the CPU)."""
     directory = Path(directory)
-    model_args = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))["model_args"]
+    model_args = read_json(directory / CONFIG_FILE)["model_args"]
     model = GPT(GPTConfig.from_dict({**model_args, "dropout": 0.0}))
-    tensors = load_file(directory / WEIGHTS_FILE)
+    tensors = read_safetensors(directory / WEIGHTS_FILE)
+    check_shapes(model, tensors, f"{directory / CONFIG_FILE}'s model_args")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if [k for k in missing if not (model.config.tie_embeddings and k == TIED_HEAD)] or unexpected:
         raise GptforgeError(f"{directory / WEIGHTS_FILE} does not match its {CONFIG_FILE}: missing "
@@ -104,10 +111,10 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
     atomic_write_text(directory / TOKENIZER_FILE, json.dumps(tokenizer.spec(), indent=2) + "\n")
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer | None:
-    """The tokenizer an export carries, or None (a plain HF GPT-2 directory)."""
+def load_tokenizer(directory: str | Path, mirror: Path | None = None) -> Tokenizer | None:
+    """The tokenizer an export carries, or None (a plain HF GPT-2 directory); `mirror` as for `from_spec`."""
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         return None
-    return from_spec(json.loads(path.read_text(encoding="utf-8")), directory, mirror_dir())
+    return from_spec(read_json(path), directory, mirror)

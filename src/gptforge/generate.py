@@ -40,6 +40,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
             probs = sorted_logits.softmax(dim=-1)
             # drop a token when the tokens ranked above it already hold at least top_p of the mass
             drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+            drop_sorted[..., 0] = False  # a top_p below float32's range (1e-300) must still leave one token
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -57,8 +58,18 @@ def sample_next(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    scaled = logits.float() / temperature
+    probs = F.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+    overflow = ~overflow_free(scaled)
+    if overflow.any():  # the point mass on the argmax, which is what such a temperature's softmax means
+        probs[overflow] = F.one_hot(logits[overflow].argmax(dim=-1), logits.size(-1)).float()
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def overflow_free(scaled: torch.Tensor) -> torch.Tensor:
+    """Per row of logits divided by a temperature: whether the division stayed finite. A tiny temperature
+    (1e-40) overflows the largest logits to inf, and their softmax to NaN; such a row samples greedily."""
+    return torch.isfinite(scaled.max(dim=-1).values)
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 interop: load HF GPT-2 checkpoints into `GPT` and export `GPT` as an HF directory.
+"""Hugging Face GPT-2 interop: load HF GPT-2 checkpoints into `GPT` and export `GPT` as an HF directory, with the
+tokenizer files that make `AutoTokenizer` and `pipeline("text-generation", ...)` work on it.
 
 Reads and writes the files themselves (config.json + safetensors, or a weights-only pytorch_model.bin), so
 neither direction needs `transformers`; the hub is reached through `huggingface_hub` only for a model name.
@@ -11,13 +12,24 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from gptforge.atomic import atomic_path, atomic_write_text
-from gptforge.checkpoint import clean_state_dict
+from gptforge.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from gptforge.checkpoint import clean_state_dict, read_json, read_safetensors, read_weights_bin
 from gptforge.errors import GptforgeError
+from gptforge.mirror import fetch
 from gptforge.model import GPT, GPTConfig
+from gptforge.tokenizer import (
+    EOT,
+    GPT2_ENCODER_JSON,
+    GPT2_VOCAB_BPE,
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+)
 
 # Model names and their repositories on the Hugging Face hub.
 PRETRAINED = {
@@ -37,6 +49,7 @@ HF_EXPRESSES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "drop
 INIT_ONLY = ("zero_init_proj",)
 ARCHITECTURE_OPTIONS = tuple(f.name for f in fields(GPTConfig) if f.name not in (*HF_EXPRESSES, *INIT_ONLY))
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+UNKNOWN_CHAR = "[UNK]"  # WordLevel needs an unknown token; absent from the vocabulary, an unknown char is an error
 
 
 def resolve_pretrained(name_or_dir: str | Path) -> Path:
@@ -68,7 +81,7 @@ def read_hf_config(directory: Path) -> GPTConfig:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise GptforgeError(f"{directory} has no config.json: it is not a Hugging Face model directory")
-    hf = json.loads(config_path.read_text())
+    hf = read_json(config_path)
     problems = []
     if hf.get("model_type") != "gpt2":
         problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
@@ -95,13 +108,12 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory: safetensors (one file or shards) or a weights-only .bin."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(directory / shard).items()}
     if (directory / "model.safetensors").is_file():
-        return load_file(directory / "model.safetensors")
+        return read_safetensors(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
-        # weights_only: a .bin is a pickle, and a pickle from the internet must never run code
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_weights_bin(directory / "pytorch_model.bin")
     raise GptforgeError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
@@ -139,11 +151,14 @@ def load_hf_gpt2(name_or_dir: str | Path, override_args: dict[str, Any] | None =
     return model
 
 
-def save_hf_gpt2(model: GPT, directory: str | Path) -> None:
-    """Write `config.json` and `model.safetensors` that `transformers.GPT2LMHeadModel` loads as this model.
+def save_hf_gpt2(model: GPT, directory: str | Path, eot_token: int | None = EOT_TOKEN) -> None:
+    """Write `config.json`, `generation_config.json` and `model.safetensors` that
+    `transformers.GPT2LMHeadModel` loads as this model.
 
     `bias=False` models get zero biases (the same function); a padded vocabulary (e.g. 50304) stays as it is.
-    A model with any of the `ARCHITECTURE_OPTIONS` off GPT-2's value is refused, naming them.
+    A model with any of the `ARCHITECTURE_OPTIONS` off GPT-2's value is refused, naming them. `eot_token` (the
+    tokenizer's end-of-text, GPT-2's by default) becomes bos/eos where the vocabulary has it, else they are
+    written as null: left out, transformers would take GPT-2's 50256, a row a small vocabulary does not have.
     """
     if not isinstance(model, GPT):
         raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
@@ -189,9 +204,50 @@ def save_hf_gpt2(model: GPT, directory: str | Path) -> None:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    if cfg.vocab_size > EOT_TOKEN:
-        hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    eot = eot_token if eot_token is not None and eot_token < cfg.vocab_size else None
+    hf_config.update(bos_token_id=eot, eos_token_id=eot)
+    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "max_length": cfg.block_size}
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2) + "\n")
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: int) -> None:
+    """Write the tokenizer files `transformers.AutoTokenizer.from_pretrained(directory)` loads as `tokenizer`:
+    the same ids for every text. `tokenizer.json` (HF `tokenizers`, the fast tokenizer) and
+    `tokenizer_config.json`; GPT-2's also as the `vocab.json` + `merges.txt` its slow tokenizer reads."""
+    directory = Path(directory)
+    special: dict[str, Any] = {}
+    if tokenizer.eot_token is not None:
+        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    if isinstance(tokenizer, GPT2Tokenizer):
+        files = {}
+        for remote, name in ((GPT2_ENCODER_JSON, "vocab.json"), (GPT2_VOCAB_BPE, "merges.txt")):
+            files[name] = fetch(remote, tokenizer.mirror, directory / name)
+            if files[name] != directory / name:  # the mirror's copy
+                atomic_write_bytes(directory / name, files[name].read_bytes())
+        fast = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
+            str(directory / "vocab.json"), str(directory / "merges.txt")))
+        fast.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        fast.decoder = tokenizers.decoders.ByteLevel()
+        fast.add_special_tokens([EOT])
+        tokenizer_class = "GPT2Tokenizer"
+    elif isinstance(tokenizer, BPETokenizer):  # already a `tokenizers` file: the very one gptforge reads back
+        fast = tokenizer.hf
+        tokenizer_class = "PreTrainedTokenizerFast"
+    elif isinstance(tokenizer, CharTokenizer):
+        # one token per character: every character is its own pre-token, looked up whole, joined back as is
+        fast = tokenizers.Tokenizer(tokenizers.models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)},
+                                                                unk_token=UNKNOWN_CHAR))
+        fast.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("(?s)."), behavior="isolated")
+        fast.decoder = tokenizers.decoders.Fuse()
+        tokenizer_class = "PreTrainedTokenizerFast"
+    else:
+        raise GptforgeError(f"no Hugging Face form for a {tokenizer.kind} tokenizer")
+    atomic_write_text(directory / "tokenizer.json", fast.to_str())
+    config = {"tokenizer_class": tokenizer_class, "model_max_length": block_size, "add_prefix_space": False,
+              "clean_up_tokenization_spaces": False, **special}
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

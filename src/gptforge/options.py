@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gptforge.errors import GptforgeError
@@ -20,15 +21,19 @@ T = TypeVar("T")
 
 def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Split `argv` into positional arguments and a `{key: raw value}` dict of `--key=value` options; a bare
-    `--flag` is `--flag=True`."""
+    `--flag` is `--flag=True`. A bare `--key` followed by a word that names no file (`--batch_size 8`) is the
+    habit of other tools' parsers: an error that shows the `--key=value` form."""
     positional, options = [], {}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if not arg.startswith("--"):
             positional.append(arg)
             continue
         key, sep, value = arg[2:].partition("=")
         if not key:
             raise GptforgeError(f"option {arg!r} is not of the form --key=value")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if not sep and following is not None and not following.startswith("-") and not Path(following).exists():
+            raise GptforgeError(f"options take their value after '=': write {arg}={following}, not {arg} {following}")
         if not sep:
             value = "True"
         options[key.replace("-", "_")] = value

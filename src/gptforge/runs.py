@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gptforge.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
+from gptforge.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_checkpoint, model_from_checkpoint
 from gptforge.data import META_FILE, Meta
 from gptforge.errors import GptforgeError
-from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, from_spec
 
@@ -26,8 +25,12 @@ class Run:
     checkpoint: dict[str, Any]  # the rest of the checkpoint: config, iter_num, tokenizer spec...
 
 
-def load_run(out_dir: str | Path, which: Literal["best", "latest"] = "best", data_dir: str | None = None) -> Run:
-    """The run in `out_dir` (or a checkpoint file); `data_dir` says where its dataset lives now if it moved."""
+def load_run(
+    out_dir: str | Path, which: Literal["best", "latest"] = "best", data_dir: str | None = None,
+    mirror: Path | None = None,
+) -> Run:
+    """The run in `out_dir` (or a checkpoint file); `data_dir` says where its dataset lives now if it moved, and
+    `mirror` (default: $GPTFORGE_DATA_MIRROR) holds the tokenizer files it may need."""
     path = Path(out_dir)
     if not path.is_file() and not (path / CHECKPOINT_NAME).is_file():
         raise GptforgeError(
@@ -35,8 +38,8 @@ def load_run(out_dir: str | Path, which: Literal["best", "latest"] = "best", dat
             f"--out_dir={out_dir} ...`, or start from GPT-2 with --init_from=gpt2"
         )
     ckpt = load_checkpoint(path, which=which)
-    model = load_model(path, override_args={"dropout": 0.0}, which=which)
-    return Run(model, run_tokenizer(ckpt, model.config.vocab_size, data_dir), ckpt)
+    model = model_from_checkpoint(ckpt, checkpoint_file(path, which), override_args={"dropout": 0.0})
+    return Run(model, run_tokenizer(ckpt, model.config.vocab_size, data_dir, mirror), ckpt)
 
 
 def dataset_dir(ckpt: dict[str, Any], data_dir: str | None = None) -> Path | None:
@@ -48,18 +51,20 @@ def dataset_dir(ckpt: dict[str, Any], data_dir: str | None = None) -> Path | Non
     return Path(data_dir or config.get("data_dir") or "data") / dataset
 
 
-def run_tokenizer(ckpt: dict[str, Any], vocab_size: int, data_dir: str | None = None) -> Tokenizer:
+def run_tokenizer(
+    ckpt: dict[str, Any], vocab_size: int, data_dir: str | None = None, mirror: Path | None = None
+) -> Tokenizer:
     """The tokenizer a checkpoint was trained with: the spec it carries, else its dataset's meta.json (or
     nanoGPT's meta.pkl), else GPT-2's for a GPT-2-sized vocabulary, as nanoGPT's sample.py assumes."""
     directory = dataset_dir(ckpt, data_dir)
     spec = ckpt.get("tokenizer")
     if spec:
         # a char or gpt2 spec is self-contained; a trained bpe's tokenizer.json lives with the dataset
-        return from_spec(spec, directory or Path("."), mirror_dir())
+        return from_spec(spec, directory or Path("."), mirror)
     if directory is not None and ((directory / META_FILE).is_file() or (directory / "meta.pkl").is_file()):
-        return Meta.read(directory).load_tokenizer(directory, mirror_dir())
+        return Meta.read(directory).load_tokenizer(directory, mirror)
     if vocab_size >= GPT2Tokenizer.vocab_size:
-        return GPT2Tokenizer()
+        return GPT2Tokenizer(mirror)
     where = f"{directory} has no {META_FILE}" if directory else "it names no dataset"
     raise GptforgeError(
         f"cannot tell which tokenizer this {vocab_size}-token model was trained with: its checkpoint carries "

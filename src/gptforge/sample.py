@@ -67,9 +67,9 @@ class Sampler:
 
     def __init__(self, opts: SampleOptions):
         self.opts = opts
+        self.device, dtype = opts.placement()
         source = opts.load()
         model, self.tokenizer = source.model, source.tokenizer
-        self.device, dtype = opts.placement()
         model = decoding_model(model, self.device, dtype)
         self.model: torch.nn.Module = torch.compile(model) if opts.compile else model
         self.prompt = prompt_ids(opts.start, self.tokenizer)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from gptforge import export
 from gptforge.device import check_dtype, resolve_device, resolve_dtype
+from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
 from gptforge.options import option
 from gptforge.runs import dataset_dir, load_run
@@ -29,11 +30,12 @@ class Source:
 
 
 def load_source(
-    init_from: str, out_dir: str = "out", which: Literal["best", "latest"] = "best", data_dir: str | None = None
+    init_from: str, out_dir: str = "out", which: Literal["best", "latest"] = "best", data_dir: str | None = None,
+    mirror: Path | None = None,
 ) -> Source:
-    """The model and tokenizer that `init_from` names."""
+    """The model and tokenizer that `init_from` names; `mirror` holds tokenizer files (default: the env's)."""
     if init_from == "resume":
-        run = load_run(out_dir, which, data_dir)
+        run = load_run(out_dir, which, data_dir, mirror)
         path = Path(out_dir)
         directory = path if path.is_dir() else path.parent
         dataset = dataset_dir(run.checkpoint, data_dir)
@@ -43,8 +45,8 @@ def load_source(
     else:
         model = GPT.from_pretrained(init_from, override_args={"dropout": 0.0})
     directory = Path(init_from) if Path(init_from).is_dir() else None
-    tokenizer = export.load_tokenizer(directory) if directory is not None else None
-    return Source(model, tokenizer or GPT2Tokenizer(), directory, init_from)
+    tokenizer = export.load_tokenizer(directory, mirror) if directory is not None else None
+    return Source(model, tokenizer or GPT2Tokenizer(mirror), directory, init_from)
 
 
 @dataclass
@@ -57,12 +59,13 @@ class SourceOptions:
     data_dir: str | None = option(None, "where the run's dataset (its tokenizer) lives, if it moved")
     device: str = option("auto", "cpu, cuda, cuda:1, mps; auto: the best there is")
     dtype: str = option("auto", "float32, bfloat16, float16; auto follows the device")
+    mirror: str | None = option(None, "local mirror tried before downloading (default: $GPTFORGE_DATA_MIRROR)")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
 
     def load(self) -> Source:
-        return load_source(self.init_from, self.out_dir, self.which, self.data_dir)
+        return load_source(self.init_from, self.out_dir, self.which, self.data_dir, mirror_dir(self.mirror))
 
     def placement(self) -> tuple[str, str]:
         """The device and dtype names the model runs on, "auto" resolved."""

@@ -130,7 +130,8 @@ class GPT2Tokenizer(Tokenizer):
 
     def __init__(self, mirror: Path | None = None):
         """Use `mirror` (default: $GPTFORGE_DATA_MIRROR) for the BPE files when it has them."""
-        self._encoding = gpt2_encoding(mirror if mirror is not None else mirror_dir())
+        self.mirror = mirror if mirror is not None else mirror_dir()
+        self._encoding = gpt2_encoding(self.mirror)
 
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)
@@ -186,7 +187,7 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf: tokenizers.Tokenizer):
         # `<|endoftext|>` in a text stays ordinary text, as with gpt2's encode_ordinary; only prepare adds the id.
         hf.encode_special_tokens = True
-        self._hf = hf
+        self.hf = hf
         self.vocab_size = hf.get_vocab_size()
         self.eot_token = hf.token_to_id(EOT)
 
@@ -223,16 +224,16 @@ class BPETokenizer(Tokenizer):
         return cls(tokenizers.Tokenizer.from_str(text))
 
     def to_json(self) -> str:
-        return self._hf.to_str()
+        return self.hf.to_str()
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.to_json())
 
     def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "file": self.FILE, "sha256": _sha256(self.to_json())}

@@ -16,21 +16,34 @@ import math
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from tqdm import tqdm
 
 from gptforge import __version__
 from gptforge import distributed as distrib
-from gptforge.atomic import atomic_write_text
-from gptforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gptforge.atomic import atomic_write_text, check_writable
+from gptforge.checkpoint import (
+    clean_state_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    saved_model_args,
+    set_rng_state,
+)
 from gptforge.config import TrainConfig, load_train_config
-from gptforge.data import Batches, Meta, TokenDataset
+from gptforge.data import Batches, BatchSampler, Meta, TokenDataset
 from gptforge.device import (
     device_type,
     enable_tf32,
@@ -61,13 +74,15 @@ class Progress:
 def run_config(files: list[str], overrides: dict[str, Any]) -> TrainConfig:
     """The config of a `gptforge train` command line. A resumed run starts from the config it was saved with,
     so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides then change what they name."""
-    cfg = load_train_config(files, overrides)
-    if cfg.init_from != "resume":
-        return cfg
-    saved = load_checkpoint(cfg.out_dir, which="latest").get("config", {})
+    # which run: a resumed run's other options are checked against its saved config, not against the defaults
+    where = load_train_config(files, {k: v for k, v in overrides.items() if k in ("init_from", "out_dir")})
+    if where.init_from != "resume":
+        return load_train_config(files, overrides)
+    ckpt = load_checkpoint(where.out_dir, which="latest")
+    saved = {**(ckpt.get("config") or {}), **saved_model_args(ckpt)}  # a nanoGPT config lacks gptforge's keys
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
-    return load_train_config(files, {**overrides, "init_from": "resume", "out_dir": cfg.out_dir}, base=base)
+    return load_train_config(files, {**overrides, "init_from": "resume", "out_dir": where.out_dir}, base=base)
 
 
 def train(cfg: TrainConfig) -> Progress:
@@ -106,10 +121,14 @@ class Trainer:
             else contextlib.nullcontext()
         )
 
+        if d.is_main:
+            check_writable(self.out_dir, "--out_dir")
         data_path = Path(cfg.data_dir) / cfg.dataset
         self.meta = Meta.read(data_path)
         self.train_data = TokenDataset(data_path, "train", self.meta)
         self.val_data = TokenDataset(data_path, "val", self.meta)
+        for data in (self.train_data, self.val_data):  # every split fits a row, checked before any work
+            BatchSampler(len(data), cfg.block_size, 1, split=data.split)
         global_rows = cfg.batch_size * cfg.gradient_accumulation_steps
         self.batches = Batches(self.train_data, cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
                                world_size=d.world_size, device=cfg.device, prefetch=self.device_type == "cuda")
@@ -143,7 +162,7 @@ class Trainer:
     def _build_model(self, ckpt: dict[str, Any] | None) -> GPT:
         cfg = self.cfg
         if ckpt is not None:
-            saved = GPTConfig.from_dict({**ckpt["model_args"], "dropout": cfg.dropout})
+            saved = GPTConfig.from_dict({**saved_model_args(ckpt), "dropout": cfg.dropout})
             changed = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_KEYS if getattr(saved, k) != getattr(cfg, k)}
             if changed:
                 diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
@@ -163,6 +182,8 @@ class Trainer:
         return model
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        if "progress" not in ckpt:
+            return self._restore_nanogpt(ckpt)
         base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
                        optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -179,6 +200,29 @@ class Trainer:
         elif self.d.is_main:
             tqdm.write(f"resuming on {self.d.world_size} processes from {len(rng)}: RNG streams start afresh")
 
+    def _restore_nanogpt(self, ckpt: dict[str, Any]) -> None:
+        """A run of nanoGPT's train.py: its weights, its AdamW state where this run's optimizer is the same
+        (nanoGPT's groups are `configure_optimizers`' own) and its iteration. It saved no data position or RNG
+        states: batches continue from its iteration, and the random streams start afresh."""
+        set_model_state_dict(self.wrapped, clean_state_dict(ckpt["model"]), options=StateDictOptions(full_state_dict=True))
+        restored = "its weights"
+        optimizer_state = ckpt.get("optimizer")
+        if self.cfg.optimizer == "adamw" and self.cfg.parallelism == "ddp" and optimizer_state:
+            base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
+            try:
+                self.optimizer.load_state_dict(optimizer_state)
+                restored += " and AdamW state"
+            except (ValueError, KeyError) as e:
+                warnings.warn(f"nanoGPT's optimizer state does not fit this model's ({e}); AdamW starts afresh",
+                              stacklevel=1)
+            for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
+                group["base_lr"] = base_lr
+        self.progress = Progress(iter_num=int(ckpt.get("iter_num", 0)),
+                                 best_val_loss=float(ckpt.get("best_val_loss", math.inf)))
+        if self.d.is_main:
+            tqdm.write(f"resuming nanoGPT's run at iter {self.progress.iter_num}: {restored}; it saved no data "
+                       "position or RNG state, so batches and random streams differ from an uninterrupted run")
+
     # -- the loop --
 
     def run(self) -> Progress:
@@ -187,7 +231,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             resolved = dataclasses.asdict(cfg)
             atomic_write_text(self.out_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
-            print("\n".join(f"{k} = {v!r}" for k, v in resolved.items()))
+            print(f"config: {self.out_dir / 'config.json'}")
             print(f"tokens per iteration: {self.tokens_per_iter:,} "
                   f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps} accumulation steps)")
             print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, {cfg.dtype}, "
@@ -362,9 +406,11 @@ class Trainer:
             return
         tokens_per_sec = self.tokens_per_iter / dt
         mfu_text = f", mfu {mfu * 100:.2f}%" if mfu >= 0 else ""
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        tqdm.write(f"iter {it}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-                   f"{tokens_per_sec:,.0f} tok/s{mfu_text}")
+        if bar.disable:  # no terminal to draw a bar on (a log file, a pipe): a line per log_interval
+            tqdm.write(f"iter {it}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
+                       f"{tokens_per_sec:,.0f} tok/s{mfu_text}")
+        else:  # the bar carries the latest step; evaluations still print their lines above it
+            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s{mfu_text}", refresh=False)
         if log is not None:
             log.write({"iter": it, "loss": loss, "lr": lr, "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec,
                        "elapsed_s": self.progress.elapsed_s, "mfu": mfu if mfu >= 0 else None})

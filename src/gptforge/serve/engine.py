@@ -1,15 +1,15 @@
 """Continuous batching: one decode loop that serves many completion requests at once.
 
-The `Engine` owns the model on a thread of its own. Jobs (a prompt's token ids, how to sample, how many samples)
-wait in a bounded queue; between two decode steps the waiting jobs take free slots of a `SlotKVCache`, each
-prompt prefilled alone, and then every busy slot advances by one token in a single batched forward. A slot is
-freed as soon as its sample ends (end-of-text, a stop string, `max_tokens`) or its job is cancelled (its client
-went away), and the next waiting job takes it before the next step.
+The `Engine` owns the model on a thread of its own. Jobs (a prompt's token ids, how to sample, how many
+samples) wait in a bounded queue; between two decode steps the waiting jobs take free slots of a
+`SlotKVCache`, each prompt prefilled alone, and then every busy slot advances by one token in a single batched
+forward. A slot is freed as soon as its sample ends (end-of-text, a stop string, `max_tokens`) or its job is
+cancelled (its client went away), and the next waiting job takes it before the next step.
 
 Numerics: a prefill's shape depends on its prompt only, each step has the same shape (`batch_invariant`),
 attention runs slot by slot and every sample draws from its own seeded generator, so a seeded job gives the
-same text alone or among others. The engine knows text only as far as samples need it: complete characters out
-(`TextStream`) and stop strings; HTTP lives in serve.py.
+same text alone or among others. The engine knows text only as far as samples need it: complete characters
+out (`TextStream`) and stop strings. It knows nothing of HTTP: that is app.py's, above it.
 """
 
 import logging
@@ -42,8 +42,8 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """New text of sample `index` of a job. A sample's last piece has its `finish_reason` ("stop": end-of-text
+class Delta:
+    """New text of sample `index` of a job. A sample's last delta has its `finish_reason` ("stop": end-of-text
     or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job."""
 
     index: int
@@ -54,11 +54,11 @@ class Piece:
 
 
 class Job:
-    """A prompt to complete `n` times. The engine calls `on_piece` from its own thread, so it must be quick and
-    must not raise."""
+    """A prompt to complete `n` times. The engine calls `on_delta` from its own thread, so it must be quick
+    and must not raise."""
 
-    def __init__(self, prompt: list[int], n: int, sampling: Sampling, on_piece: Callable[[Piece], None]):
-        self.prompt, self.n, self.sampling, self.on_piece = prompt, n, sampling, on_piece
+    def __init__(self, prompt: list[int], n: int, sampling: Sampling, on_delta: Callable[[Delta], None]):
+        self.prompt, self.n, self.sampling, self.on_delta = prompt, n, sampling, on_delta
         self.cancelled = False  # set by Engine.cancel, from any thread
 
 
@@ -87,9 +87,11 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
     rows; a row with top-k or top-p is filtered on its own. (`sample_next`'s torch.multinomial would draw an
     exponential per vocabulary entry and row: some 20x slower at GPT-2's 50257.)
     """
-    temperature = torch.tensor([[row[0].temperature or 1.0] if row else [1.0] for row in rows], device=logits.device)
+    temperatures = [[row[0].temperature or 1.0] if row else [1.0] for row in rows]
+    temperature = torch.tensor(temperatures, device=logits.device)
     greedy = logits.argmax(dim=-1).tolist()
-    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(-1, dtype=torch.float64)  # float64: no mass lost
+    # float64: no mass lost
+    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(-1, dtype=torch.float64)
     tokens: list[int | None] = []
     for i, row in enumerate(rows):
         if row is None or row[0].temperature == 0:
@@ -98,10 +100,12 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
         sampling, generator = row
         row_cdf = cdf[i]
         if sampling.top_k is not None or (sampling.top_p or 1.0) < 1.0:
-            filtered = filter_logits(logits[i].float() / sampling.temperature, sampling.top_k, sampling.top_p)
+            scaled = logits[i].float() / sampling.temperature
+            filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
             row_cdf = F.softmax(filtered, dim=-1).cumsum(-1, dtype=torch.float64)
         u = torch.rand((), dtype=torch.float64, generator=generator, device=logits.device) * row_cdf[-1]
-        token = int(torch.searchsorted(row_cdf, u, right=True))  # the first token whose cumulative mass passes u
+        # the first token whose cumulative mass passes u
+        token = int(torch.searchsorted(row_cdf, u, right=True))
         # u rounds up to the total about once in 2^53 draws: then the last token with mass, never one without
         tokens.append(token if token < len(row_cdf) else int(torch.searchsorted(row_cdf, row_cdf[-1])))
     return tokens
@@ -147,14 +151,16 @@ class _Sample:
 
 
 class Engine:
-    """The model, a cache of `max_batch` slots, a queue of at most `max_queue` waiting jobs, one decode thread.
+    """The model, a cache of `max_batch` slots, a queue of at most `max_queue` waiting jobs, one decode
+    thread.
 
-    With `batch_invariant` every step feeds all `max_batch` slots, busy or not, so a row's numbers never depend
-    on which other rows are busy; otherwise only the busy slots, faster when few are (docs/serving.md).
+    With `batch_invariant` every step feeds all `max_batch` slots, busy or not, so a row's numbers never
+    depend on which other rows are busy; otherwise only the busy slots, faster when few are (docs/serving.md).
     """
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64, batch_invariant: bool = True
+        self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+        batch_invariant: bool = True,
     ):
         param = next(model.parameters())
         self.model, self.tokenizer, self.device = model, tokenizer, param.device
@@ -180,29 +186,39 @@ class Engine:
             self.thread.join()
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue `jobs`, all or none: InvalidJob for a job that cannot run, QueueFull when the queue is full."""
+        """Queue `jobs`, all or none: InvalidJob for a job that cannot run, QueueFull when the queue is
+        full."""
         block_size, vocab_size = self.model.config.block_size, self.model.config.vocab_size
         if len(jobs) > self.max_queue:
-            raise InvalidJob(f"at most {self.max_queue} prompts in one request (this server's queue)", "prompt")
+            raise InvalidJob(
+                f"at most {self.max_queue} prompts in one request (this server's queue)", "prompt"
+            )
         for job in jobs:
             if not 1 <= job.n <= self.max_batch:
-                raise InvalidJob(f"n must be between 1 and {self.max_batch} (this server's batch), got {job.n}", "n")
+                raise InvalidJob(
+                    f"n must be between 1 and {self.max_batch} (this server's batch), got {job.n}", "n"
+                )
             if not job.prompt:
                 raise InvalidJob("the prompt has no tokens", "prompt")
             if max(job.prompt) >= vocab_size:
-                raise InvalidJob(f"the prompt has token ids the {vocab_size}-token model does not know", "prompt")
+                raise InvalidJob(
+                    f"the prompt has token ids the {vocab_size}-token model does not know", "prompt"
+                )
             if len(job.prompt) + job.sampling.max_tokens > block_size:
                 raise InvalidJob(
                     f"This model's maximum context length is {block_size} tokens, however you requested "
                     f"{len(job.prompt) + job.sampling.max_tokens} tokens ({len(job.prompt)} in your prompt; "
-                    f"{job.sampling.max_tokens} for the completion). Please reduce your prompt or completion length.",
+                    f"{job.sampling.max_tokens} for the completion). "
+                    "Please reduce your prompt or completion length.",
                     "max_tokens",
                 )
         with self.wake:
             if self.stopping:
                 raise EngineStopped("the server is shutting down")
             if len(self.waiting) + len(jobs) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the bound is {self.max_queue})")
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting (the bound is {self.max_queue})"
+                )
             self.waiting.extend(jobs)
             self.wake.notify()
 
@@ -214,7 +230,7 @@ class Engine:
                 self.waiting.remove(job)
             self.wake.notify()
 
-    def load(self) -> dict[str, int]:
+    def occupancy(self) -> dict[str, int]:
         """How busy the engine is: samples decoding, jobs waiting, slots in all."""
         busy = sum(sample is not None for sample in self.samples)
         return {"busy": busy, "waiting": len(self.waiting), "slots": self.max_batch}
@@ -234,7 +250,7 @@ class Engine:
                 if self._busy():
                     try:
                         self._decode()
-                    except Exception as e:  # a failed step must not take the server down: fail what it carried
+                    except Exception as e:  # a failed step must not take the server down: fail its jobs
                         log.exception("decode step failed")
                         self._fail(self._in_flight(), f"the engine failed: {type(e).__name__}: {e}")
         with self.wake:
@@ -265,8 +281,10 @@ class Engine:
                 self._fail([job], f"the engine failed: {type(e).__name__}: {e}")
 
     def _prefill(self, job: Job, slots: list[int]) -> None:
-        """Run the prompt once, alone, into the first slot; the job's other samples start from copies of it."""
-        logits, _ = self.model(torch.tensor([job.prompt], device=self.device), kv_cache=self.cache.slot(slots[0]))
+        """Run the prompt once, alone, into the first slot; the job's other samples start from copies of
+        it."""
+        prompt = torch.tensor([job.prompt], device=self.device)
+        logits, _ = self.model(prompt, kv_cache=self.cache.slot(slots[0]))
         self.cache.occupy(slots[0], len(job.prompt))
         for slot in slots[1:]:
             self.cache.copy(slots[0], slot)
@@ -280,7 +298,8 @@ class Engine:
             samples.append(_Sample(job, index, slot, generator, TextStream(self.tokenizer),
                                    StopStrings(job.sampling.stop)))
             self.samples[slot] = samples[-1]
-        tokens = draw(logits[:, -1].expand(len(samples), -1), [(job.sampling, s.generator) for s in samples])
+        rows = [(job.sampling, s.generator) for s in samples]
+        tokens = draw(logits[:, -1].expand(len(samples), -1), rows)
         for sample, token in zip(samples, tokens, strict=True):
             self._take(sample, token)
 
@@ -293,7 +312,8 @@ class Engine:
         samples = [self.samples[slot] for slot in rows]
         last = [[sample.last if sample is not None else 0] for sample in samples]
         logits, _ = self.model(torch.tensor(last, device=self.device), kv_cache=self.cache)
-        tokens = draw(logits[:, -1], [(s.job.sampling, s.generator) if s is not None else None for s in samples])
+        draws = [(s.job.sampling, s.generator) if s is not None else None for s in samples]
+        tokens = draw(logits[:, -1], draws)
         for sample, token in zip(samples, tokens, strict=True):
             if sample is not None and token is not None:
                 self._take(sample, token)
@@ -313,9 +333,9 @@ class Engine:
             self._release(sample)
             reason = "stop" if stopped or end_of_text else "length"
             text += "" if stopped else sample.stops.flush()
-            sample.job.on_piece(Piece(sample.index, text, reason, sample.tokens))
+            sample.job.on_delta(Delta(sample.index, text, reason, sample.tokens))
         elif text:
-            sample.job.on_piece(Piece(sample.index, text))
+            sample.job.on_delta(Delta(sample.index, text))
 
     def _release(self, sample: _Sample) -> None:
         self.cache.free(sample.slot)
@@ -325,9 +345,9 @@ class Engine:
         return list({id(sample.job): sample.job for sample in self.samples if sample is not None}.values())
 
     def _fail(self, jobs: list[Job], message: str) -> None:
-        """End `jobs` with an error piece, freeing their slots."""
+        """End `jobs` with an error delta, freeing their slots."""
         for sample in self.samples:
             if sample is not None and any(sample.job is job for job in jobs):
                 self._release(sample)
         for job in jobs:
-            job.on_piece(Piece(0, "", error=message))
+            job.on_delta(Delta(0, "", error=message))

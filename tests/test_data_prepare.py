@@ -1,13 +1,13 @@
-"""Tests for gptforge.datasets (`gptforge prepare`): nanoGPT byte-identity, streaming, splits and bad input.
+"""Tests for gptforge.data.prepare (`gptforge prepare`): nanoGPT byte-identity, splits, the registry and the
+writer, and bad input.
 
-    .venv/bin/python -m pytest tests/test_datasets.py
+    .venv/bin/python -m pytest tests/test_data_prepare.py
 
 The nanoGPT references below are that project's prepare.py scripts reduced to the lines that decide their
 output, run on the mirror's files with tiktoken's own `get_encoding("gpt2")`.
 """
 
 import functools
-import itertools
 import json
 import os
 import subprocess
@@ -16,23 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from mirror_data import MIRROR, SHAKESPEARE, WAR_AND_PEACE, needs_mirror, reference_gpt2
+from mirror_data import MIRROR, SHAKESPEARE, needs_mirror, reference_gpt2
 
-from gptforge import datasets
 from gptforge.cli import main
 from gptforge.data import Meta
-from gptforge.datasets import (
-    Piece,
-    PrepareOptions,
-    SplitText,
-    cut_point,
-    read_text,
-    register,
-    write_dataset,
-)
-from gptforge.errors import GptforgeError
+from gptforge.data import prepare as data_prepare
+from gptforge.data.corpus import Chunk, SplitText
+from gptforge.data.prepare import PrepareOptions, register, write_dataset
 from gptforge.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
@@ -145,63 +135,6 @@ def test_text_of_one_file_splits_by_characters_like_nanogpt(tmp_path, tokenizer,
     ]
     assert prepare("text", *args) == 0
     assert bins(tmp_path / "text") == reference()
-
-
-# ---- streaming: pieces cut where the tokens cannot change
-
-
-@needs_mirror
-@pytest.mark.parametrize(("path", "chunk"), [(SHAKESPEARE, 4096), (WAR_AND_PEACE, 65536)])
-def test_streamed_pieces_encode_like_the_whole_text(gpt2, path, chunk):
-    text = path.read_bytes().decode("utf-8")  # War and Peace has CRLFs and curly quotes: both kept
-    pieces = list(read_text(path, chunk_bytes=chunk))
-    assert "".join(pieces) == text and len(pieces) >= len(text.encode()) // chunk
-    assert all(
-        a[-1].isascii() and a[-1].isprintable() and b[0] in " \n" for a, b in itertools.pairwise(pieces)
-    )
-    ids = np.concatenate([gpt2.encode_to_numpy(piece) for piece in pieces])
-    assert ids.tolist() == reference_gpt2().encode_ordinary(text)
-
-
-@needs_mirror
-@settings(max_examples=300, deadline=None)
-@given(
-    st.text(alphabet=[*"ab sZé中1 \n\t\r.,'!-", "\u00a0", "\u2028", "\u3000", "’", "😀"], max_size=80),
-    st.data(),
-)
-def test_cut_point_keeps_gpt2_and_bpe_tokens(gpt2, bpe_512, text, data):
-    cut = cut_point(text[: data.draw(st.integers(0, len(text)))])
-    for tokenizer in (gpt2, bpe_512):
-        assert tokenizer.encode(text[:cut]) + tokenizer.encode(text[cut:]) == tokenizer.encode(text)
-
-
-@pytest.fixture(scope="module")
-def bpe_512() -> BPETokenizer:
-    return BPETokenizer.train([SHAKESPEARE.read_text(encoding="utf-8")], vocab_size=512)
-
-
-def test_text_without_spaces_is_still_read_in_bounded_pieces(tmp_path):
-    (tmp_path / "a.txt").write_text("a" * 300_000)
-    pieces = list(read_text(tmp_path / "a.txt", chunk_bytes=1024))
-    assert "".join(pieces) == "a" * 300_000 and max(map(len, pieces)) <= 65 * 1024
-
-
-@pytest.mark.parametrize(
-    ("content", "offset"),
-    [
-        (b"a" * 5000 + b"\xff" + b"b" * 10, "5,000"),
-        (b"a" * 1023 + "€".encode()[:2] + b"X", "1,023"),  # a character split across two blocks, then broken
-        (b"abc" + "€".encode()[:2], "3"),  # a file cut off mid-character
-    ],
-)
-def test_undecodable_bytes_are_located(tmp_path, content, offset):
-    (tmp_path / "bad.txt").write_bytes(content)
-    with pytest.raises(
-        GptforgeError, match=rf"bad.txt: invalid UTF-8 at byte {offset}; fix the file or pass --errors="
-    ):
-        list(read_text(tmp_path / "bad.txt", chunk_bytes=1024))
-    replaced = "".join(read_text(tmp_path / "bad.txt", "replace", chunk_bytes=1024))
-    assert replaced == content.decode("utf-8", "replace")
 
 
 # ---- your own text
@@ -390,7 +323,8 @@ def test_openwebtext_from_text_files_one_document_each(tmp_path, gpt2):
 
 
 def test_a_new_dataset_is_one_registered_function(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))  # the real registry stays as it was
+    # the real registry stays as it was
+    monkeypatch.setattr(data_prepare, "DATASETS", dict(data_prepare.DATASETS))
     (tmp_path / "letters.txt").write_text("abc " * 100)
 
     @register("letters", "a toy corpus of four characters")
@@ -406,7 +340,7 @@ def test_a_new_dataset_is_one_registered_function(tmp_path, capsys, monkeypatch)
 
 def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
     """Only a few pieces are ever read ahead of what is written, however long the corpus."""
-    monkeypatch.setattr(datasets, "CHUNK_BYTES", 4096)  # pieces are batched by this many characters
+    monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 4096)  # pieces are batched by this many characters
     out, piece = tmp_path / "out", "ab " * 341 + "\n"  # 1,024 characters
     lag = []
 
@@ -416,7 +350,7 @@ def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
                 # one token per character, written as uint16 to the hidden temporaries of train.bin and val.bin
                 written = sum(p.stat().st_size for p in out.glob(".*.bin.tmp-*")) // 2
                 lag.append(i * len(piece) - written)
-                yield Piece("val" if i % 10 == 9 else "train", piece, False)
+                yield Chunk("val" if i % 10 == 9 else "train", piece, False)
 
         def source(self) -> dict:
             return {}

@@ -1,8 +1,8 @@
-"""Tests for continuous batching (gptforge.batching) and the model's SlotKVCache: per-slot positions give the
+"""Tests for continuous batching (gptforge.serve.engine) and the SlotKVCache: per-slot positions give the
 logits of a full forward, a row's logits do not depend on the other rows, seeded samples are the same alone or
 among others, stop strings, end-of-text, cancellation, the queue bound and failures.
 
-    .venv/bin/python -m pytest tests/test_serve_batching.py
+    .venv/bin/python -m pytest tests/test_serve_engine.py
 """
 
 import string
@@ -13,19 +13,19 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gptforge.batching import (
+from gptforge.kv_cache import SlotKVCache
+from gptforge.model import GPT
+from gptforge.serve.engine import (
+    Delta,
     Engine,
     EngineStopped,
     InvalidJob,
     Job,
-    Piece,
     QueueFull,
     Sampling,
     StopStrings,
     draw,
 )
-from gptforge.kv_cache import SlotKVCache
-from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = string.printable[:95] + "éü"  # 97 characters: tiny_config's vocab_size
@@ -54,10 +54,10 @@ class Collector:
     """A job's pieces as they arrive, and an event once every sample has ended (or the job failed)."""
 
     def __init__(self, n: int):
-        self.pieces: list[Piece] = []
+        self.pieces: list[Delta] = []
         self.open, self.done = n, threading.Event()
 
-    def __call__(self, piece: Piece) -> None:
+    def __call__(self, piece: Delta) -> None:
         self.pieces.append(piece)
         self.open -= piece.finish_reason is not None
         if self.open == 0 or piece.error is not None:
@@ -243,9 +243,9 @@ def test_cancel_frees_the_slots_at_once(engine, tokenizer):
         time.sleep(0.001)
     engine.cancel(job)
     deadline = time.monotonic() + 1
-    while engine.load()["busy"] > 1 and time.monotonic() < deadline:
+    while engine.occupancy()["busy"] > 1 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert engine.load()["busy"] <= 1  # the other job may still run
+    assert engine.occupancy()["busy"] <= 1  # the other job may still run
     assert other_collector.done.wait(30)
     assert other_collector.samples() == run(engine, tokenizer, "y", max_tokens=50, seed=5)
     assert not collector.done.is_set()  # a cancelled job's reader is gone: it gets nothing more
@@ -261,7 +261,7 @@ def test_the_queue_is_bounded(model, tokenizer):
         waiting, _ = submit(engine, tokenizer, "b")
         with pytest.raises(QueueFull, match="bound is 1"):
             submit(engine, tokenizer, "c")
-        assert engine.load() == {"busy": 1, "waiting": 1, "slots": 1}
+        assert engine.occupancy() == {"busy": 1, "waiting": 1, "slots": 1}
         engine.cancel(waiting)
         engine.cancel(running)
         assert run(engine, tokenizer, "d", max_tokens=3)[0][1:] == ("length", 3)  # room again
@@ -280,7 +280,7 @@ def test_jobs_that_cannot_run_are_refused(engine, tokenizer):
         engine.submit([Job([97], 1, Sampling(max_tokens=1), Collector(1))])
     with pytest.raises(InvalidJob, match="at most 8 prompts in one request"):
         engine.submit([Job([1], 1, Sampling(max_tokens=1), Collector(1)) for _ in range(9)])
-    assert engine.load()["waiting"] == 0  # all or none
+    assert engine.occupancy()["waiting"] == 0  # all or none
 
 
 def test_a_failed_step_fails_its_jobs_and_the_engine_goes_on(model, tokenizer, monkeypatch):
@@ -294,7 +294,7 @@ def test_a_failed_step_fails_its_jobs_and_the_engine_goes_on(model, tokenizer, m
         _, collector = submit(engine, tokenizer, "a")
         assert collector.done.wait(30)
         assert collector.pieces[-1].error == "the engine failed: RuntimeError: boom"
-        assert engine.load()["busy"] == 0
+        assert engine.occupancy()["busy"] == 0
         monkeypatch.undo()
         assert run(engine, tokenizer, "a", max_tokens=4)[0][1:] == ("length", 4)
     finally:

@@ -1,11 +1,12 @@
-"""The standard evaluation sets, read from their canonical files: HellaSwag (validation), LAMBADA (OpenAI's test
-file, as used for GPT-2) and WikiText-2 (raw, test).
+"""The standard evaluation sets, read from their canonical files: HellaSwag (validation), LAMBADA (OpenAI's
+test file, as used for GPT-2) and WikiText-2 (raw, test).
 
-Each file comes from a local mirror (`--mirror` / $GPTFORGE_DATA_MIRROR, laid out as `evals/<file>`) when it has
-one, else from its canonical URL into DATA_DIR/evals/, sha256-checked either way (mirror.py). HellaSwag is read
-in two formats: the official `hellaswag_val.jsonl` (what the published GPT-2 figures use), or llama.cpp's compact
-text file (6 lines per task: context, label, 4 endings) whose contexts are preprocessed the lm-eval-harness way
-and so differ from the raw `ctx` in about two thirds of the tasks. This module knows nothing about models.
+Each file comes from a local mirror (`--mirror` / $GPTFORGE_DATA_MIRROR, laid out as `evals/<file>`) when it
+has one, else from its canonical URL into DATA_DIR/evals/, sha256-checked either way (mirror.py). HellaSwag is
+read in two formats: the official `hellaswag_val.jsonl` (what the published GPT-2 figures use), or llama.cpp's
+compact text file (6 lines per task: context, label, 4 endings) whose contexts are preprocessed the
+lm-eval-harness way and so differ from the raw `ctx` in about two thirds of the tasks. This module knows
+nothing about models, and nothing of token files: it imports no other module of the data package.
 """
 
 import bz2
@@ -34,7 +35,8 @@ LAMBADA = Remote(
     mirror_path="evals/lambada_test.jsonl",
     sha256="4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
 )
-WIKITEXT2_ZIP = Remote(  # the archive llama.cpp's get-wikitext-2.sh fetches, identical to Salesforce's original
+# The archive llama.cpp's get-wikitext-2.sh fetches, identical to Salesforce's original.
+WIKITEXT2_ZIP = Remote(
     url="https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",
     mirror_path="evals/wikitext-2-raw-v1.zip",
     sha256="ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
@@ -62,7 +64,8 @@ def hellaswag(mirror: Path | None, cache: Path) -> list[Choice]:
     mirror's compact text file, else the official jsonl downloaded into `cache`."""
     if in_mirror(HELLASWAG_JSONL, mirror) is None and (text := in_mirror(HELLASWAG_TEXT, mirror)) is not None:
         return read_hellaswag_text(text)
-    return read_hellaswag_jsonl(fetch(HELLASWAG_JSONL, mirror, cache / Path(HELLASWAG_JSONL.mirror_path).name))
+    jsonl = fetch(HELLASWAG_JSONL, mirror, cache / Path(HELLASWAG_JSONL.mirror_path).name)
+    return read_hellaswag_jsonl(jsonl)
 
 
 def read_hellaswag_jsonl(path: Path) -> list[Choice]:
@@ -74,7 +77,9 @@ def read_hellaswag_jsonl(path: Path) -> list[Choice]:
                 row = json.loads(line)
                 tasks.append(Choice(row["ctx"], tuple(row["endings"]), int(row["label"])))
             except (ValueError, KeyError, TypeError):
-                raise GptforgeError(f"{path}:{number} is not a HellaSwag jsonl row (ctx, endings, label)") from None
+                raise GptforgeError(
+                    f"{path}:{number} is not a HellaSwag jsonl row (ctx, endings, label)"
+                ) from None
     return tasks
 
 
@@ -113,6 +118,8 @@ def wikitext2(mirror: Path | None, cache: Path) -> str:
             with zipfile.ZipFile(archive) as z:
                 data = z.read(WIKITEXT2_MEMBER)
             if hashlib.sha256(data).hexdigest() != WIKITEXT2_TEST.sha256:
-                raise GptforgeError(f"{WIKITEXT2_MEMBER} in {archive} is not the official file (sha256 differs)")
+                raise GptforgeError(
+                    f"{WIKITEXT2_MEMBER} in {archive} is not the official file (sha256 differs)"
+                )
             atomic_write_bytes(path, data)
     return path.read_text(encoding="utf-8")

@@ -1,0 +1,143 @@
+"""The `gptforge serve` process: its options, loading the model into an engine, and uvicorn serving the app.
+
+It owns what is the process's rather than a request's: the address and the socket, the API key's default
+($GPTFORGE_API_KEY), torch's threads, and the shutdown, where a signal drains the requests in flight. The
+routes are app.py's; `serve_in_thread` runs an app for tests and notebooks, without signals.
+"""
+
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from gptforge.errors import GptforgeError
+from gptforge.generate import decoding_model
+from gptforge.options import option
+from gptforge.serve.app import create_app
+from gptforge.serve.engine import Engine
+from gptforge.source import SourceOptions
+
+
+@dataclass
+class ServeOptions(SourceOptions):
+    host: str = option("127.0.0.1", "the address to listen on; 0.0.0.0: every interface")
+    port: int = option(8000, "the port to listen on (0: any free one)")
+    max_batch: int = option(16, "samples decoded together in one forward (KV cache slots)")
+    max_queue: int = option(64, "prompts that may wait for a slot; beyond, 429")
+    max_tokens_limit: int | None = option(
+        None, "the largest max_tokens a request may ask (None: the model's block_size)"
+    )
+    max_request_bytes: int = option(1 << 20, "the largest request body; beyond, 413")
+    api_key: str | None = option(
+        None, "require Authorization: Bearer KEY on /v1 (default: $GPTFORGE_API_KEY)"
+    )
+    batch_invariant: bool = option(
+        True, "a sample's numbers never depend on the others in its batch (False: faster with few requests)"
+    )
+    threads: int | None = option(None, "torch's CPU threads (None: torch's default)")
+    shutdown_timeout: float = option(
+        30.0, "seconds a SIGTERM waits for requests in flight before cutting them off"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.port <= 65535:
+            raise GptforgeError(f"--port={self.port} must be in 0..65535")
+        for name in ("max_batch", "max_queue", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"--{name}={getattr(self, name)} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise GptforgeError(f"--threads={self.threads} must be at least 1, or None")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise GptforgeError(f"--max_tokens_limit={self.max_tokens_limit} must be at least 1, or None")
+        if self.api_key == "":
+            raise GptforgeError("--api_key is empty; give a key, or leave the option out")
+        if self.shutdown_timeout < 0:
+            raise GptforgeError(f"--shutdown_timeout={self.shutdown_timeout} must be >= 0")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app when a signal starts the shutdown: new requests then get 503 while
+    those in flight run to their end (for up to `shutdown_timeout` seconds)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread for the duration of the block, yielding its base URL: for tests
+    and notebooks (no signal handling; `serve` is the command's way)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gptforge-uvicorn",
+                              daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_name(init_from: str, out_dir: str) -> str:
+    """The id clients see in /v1/models: the hub name, or the run's or directory's own name."""
+    name = out_dir if init_from == "resume" else init_from
+    return Path(name).resolve().name if Path(name).exists() else name
+
+
+def serve(opts: ServeOptions) -> None:
+    """Load the model, start the engine and serve until SIGINT or SIGTERM."""
+    opts = dataclasses.replace(opts, api_key=opts.api_key or os.environ.get("GPTFORGE_API_KEY") or None)
+    if not is_loopback(opts.host) and opts.api_key is None:
+        warnings.warn(f"listening on {opts.host} without an API key: anyone who can reach it can use it",
+                      stacklevel=1)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    source = opts.load()
+    device, dtype = opts.placement()
+    model = decoding_model(source.model, device, dtype)
+    engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
+    model_id = model_name(opts.init_from, opts.out_dir)
+    app = create_app(engine, model_id, opts)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port,
+                            timeout_graceful_shutdown=opts.shutdown_timeout, log_level="info")
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged why (in use, not allowed) and exits: say it the command's way
+        raise GptforgeError(f"cannot listen on {opts.host}:{opts.port}") from None
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    # the dtype as torch names it, "torch.float32", as the banner always said
+    print(f"gptforge serve: {model_id} on {device} ({getattr(torch, dtype)}), {opts.max_batch} slots: "
+          f"http://{host}:{sock.getsockname()[1]}/", flush=True)
+    Server(config, app).run(sockets=[sock])
