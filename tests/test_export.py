@@ -6,6 +6,8 @@ safetensors format reloads bit for bit, and either one samples with the run's ow
 
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +101,66 @@ def test_an_out_dir_without_a_run_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds no run" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+# -- the HF export's tokenizer: transformers itself reads it, and gets gptforge's ids --
+
+TEXTS = ["ROMEO:\nBut soft, what light", "  two  spaces, tabs\tand\nnewlines\n\n", "Shall I compare thee"]
+
+
+def hf_tokenizer_export(tokenizer, tmp_path, vocab_size: int):
+    from gptforge import GPT, GPTConfig
+    from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=vocab_size))
+    save_hf_gpt2(model, tmp_path, tokenizer.eot_token)
+    save_hf_tokenizer(tokenizer, tmp_path, 32)
+    return tmp_path
+
+
+def sonnet_bpe():
+    from gptforge.tokenizer import BPETokenizer
+    from tiny_run import SONNET
+
+    return BPETokenizer.train([SONNET * 5], 300)
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
+def test_hf_export_tokenizer_gives_gptforge_s_ids_in_transformers(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
+
+    tokenizer = {"char": lambda: CharTokenizer.from_text(TEXTS), "gpt2": GPT2Tokenizer, "bpe": sonnet_bpe}[kind]()
+    directory = hf_tokenizer_export(tokenizer, tmp_path, 50304 if kind == "gpt2" else tokenizer.vocab_size)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    for text in TEXTS:
+        ids = hf(text)["input_ids"]
+        assert ids == tokenizer.encode(text)
+        assert hf.decode(ids) == text
+    config = json.loads((directory / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == tokenizer.eot_token  # None for char: no 50256
+    assert hf.eos_token_id == tokenizer.eot_token
+
+
+def test_pipeline_generates_from_an_exported_run(run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", f"--out_dir={run}", "--format=hf", f"--to={tmp_path / 'hf'}"]) == 0
+    generator = transformers.pipeline("text-generation", str(tmp_path / "hf"), device="cpu")
+    out = generator("Shall I", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert out.startswith("Shall I") and len(out) == len("Shall I") + 8  # one character per token
+
+
+def test_exported_files_follow_the_umask(run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["export", f"--out_dir={run}", "--format=hf", f"--to={tmp_path / 'hf'}"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_export_takes_a_mirror_like_every_command_that_may_fetch(run, tmp_path):
+    mirror = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert main(["export", f"--out_dir={run}", "--format=safetensors", f"--to={tmp_path / 'st'}",
+                 f"--mirror={mirror}"]) == 0

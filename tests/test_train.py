@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import load_checkpoint
 from gptforge.config import TrainConfig
 from gptforge.data.prepare import TextOptions, prepare_text
@@ -261,3 +262,52 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path, capsys):
         assert train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": max_iters})).iter_num == 10
         assert "already at iter 10" in capsys.readouterr().out  # tqdm.write prints to stdout
     assert (tmp_path / "metrics.jsonl").read_text() == history
+
+
+def nanogpt_checkpoint(data_dir: Path, out_dir: Path, iter_num: int = 5) -> GPT:
+    """What nanoGPT's train.py saves: its model (compiled: `_orig_mod.` keys), AdamW's plain state dict, its
+    model_args (no gptforge keys), iter_num, best_val_loss (a tensor) and its config dict. Returns the model."""
+    vocab = json.loads((data_dir / "corpus" / "meta.json").read_text())["vocab_size"]
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=vocab, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args, gelu_approximate="none"))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    x = torch.randint(0, vocab, (2, 32))
+    model(x, x)[1].backward()
+    optimizer.step()
+    nanogpt_config = {"out_dir": str(out_dir), "dataset": "corpus", "batch_size": 4, "block_size": 32,
+                      "gradient_accumulation_steps": 1, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0,
+                      "bias": False, "learning_rate": 1e-3, "max_iters": iter_num, "device": "cpu", "compile": False,
+                      "eval_interval": 5, "eval_iters": 2, "dtype": "float32", "init_from": "scratch"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                "best_val_loss": torch.tensor(3.5), "config": nanogpt_config}, out_dir / "ckpt.pt")
+    return model
+
+
+def test_a_nanogpt_run_resumes_with_its_weights_and_adamw_state(data_dir, tmp_path, capsys):
+    saved = nanogpt_checkpoint(data_dir, tmp_path)
+    cfg = run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": "8",
+                          "data_dir": str(data_dir)})
+    assert cfg.gelu_approximate == "none" and cfg.n_embd == 32  # nanoGPT's model: its exact GELU
+    trainer = Trainer(cfg, Dist())
+    assert trainer.progress.iter_num == 5 and trainer.progress.best_val_loss == pytest.approx(3.5)
+    state = trainer.raw.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items())
+    assert all(s["step"] == 1 for s in trainer.optimizer.state.values())  # AdamW's moments came along
+    assert "resuming nanoGPT's run at iter 5: its weights and AdamW state" in capsys.readouterr().out
+    trainer.batches.close()
+    assert train(cfg).iter_num == 8  # and it trains on
+
+
+def test_a_val_split_shorter_than_a_row_fails_before_any_work(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "tiny.txt").write_text("abcdefghij" * 300, encoding="utf-8")
+    prepare_text(TextOptions(input=str(root / "tiny.txt"), data_dir=str(root), name="tiny", tokenizer="char",
+                             val_fraction=0.01))
+    cfg = TrainConfig(**{**TINY, "dataset": "tiny", "data_dir": str(root), "out_dir": str(tmp_path / "run"),
+                         "block_size": 64})
+    with pytest.raises(GptforgeError, match=r"the val split has 30 tokens, fewer than block_size \+ 1 = 65"):
+        Trainer(cfg, Dist())

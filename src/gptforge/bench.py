@@ -5,8 +5,8 @@ torch.compile, clipping, fused AdamW), so a number here is what `gptforge train`
 Burn-in steps (compilation, allocator warm-up) run first and are not timed; then each timed step is waited for
 (`loss.item()`, as a training log line does). Data are a prepared dataset or, without one, uniform random
 GPT-2 token ids written to a temporary dataset. Its options are the training options (every key of
-`TrainConfig`, with a benchmark's defaults) plus its own. `--profile=True` records the timed steps with the PyTorch profiler
-as a trace for TensorBoard or Perfetto (the profiler slows them: time without it).
+`TrainConfig`, with a benchmark's defaults) plus its own. `--profile=True` records the timed steps with the
+PyTorch profiler as a trace for TensorBoard or Perfetto (the profiler slows them: time without it).
 """
 
 import contextlib
@@ -48,12 +48,15 @@ class BenchOptions(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1 or self.burn_in < 0:
-            raise GptforgeError(f"--steps must be >= 1 and --burn_in >= 0, got {self.steps} and {self.burn_in}")
+            raise GptforgeError(
+                f"--steps must be >= 1 and --burn_in >= 0, got {self.steps} and {self.burn_in}"
+            )
 
 
 @dataclass
 class BenchResult:
-    """The timed steps: mean and median step time, throughput, MFU (None where the device's peak is unknown)."""
+    """The timed steps: mean and median step time, throughput,
+    MFU (None where the device's peak is unknown)."""
 
     ms_per_iter: float
     median_ms: float
@@ -68,12 +71,13 @@ def train_config(opts: BenchOptions, data_dir: str, dataset: str) -> TrainConfig
     shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainConfig)}
     device = resolve_device(opts.device)
     return TrainConfig(**{**shared, "data_dir": data_dir, "dataset": dataset, "device": device,
-                          "dtype": resolve_dtype(opts.dtype, device), "compile": resolve_compile(opts.compile, device),
-                          "init_from": "scratch"})
+                          "dtype": resolve_dtype(opts.dtype, device),
+                          "compile": resolve_compile(opts.compile, device), "init_from": "scratch"})
 
 
 def write_random_dataset(directory: Path) -> None:
-    """Uniform random GPT-2 token ids as a dataset (train and val), so the trainer reads them like any other."""
+    """Uniform random GPT-2 token ids as a dataset (train and val),
+    so the trainer reads them like any other."""
     tokens = np.random.default_rng(0).integers(0, GPT2Tokenizer.vocab_size, RANDOM_TOKENS, dtype=np.uint16)
     directory.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
@@ -92,8 +96,9 @@ def bench(opts: BenchOptions) -> BenchResult:
             cfg = train_config(opts, opts.data_dir, opts.dataset)
         trainer = Trainer(dataclasses.replace(cfg, out_dir=tmp), Dist(device=cfg.device))
         data = f"{cfg.data_dir}/{cfg.dataset}" if opts.dataset else "random tokens"
-        print(f"model: {trainer.raw.get_num_params() / 1e6:.2f}M parameters, {trainer.tokens_per_iter:,} tokens "
-              f"per step, {data}, device {cfg.device}, {cfg.dtype}, compile {cfg.compile}")
+        print(f"model: {trainer.raw.get_num_params() / 1e6:.2f}M parameters, "
+              f"{trainer.tokens_per_iter:,} tokens per step, {data}, device {cfg.device}, {cfg.dtype}, "
+              f"compile {cfg.compile}")
         try:
             return _run(trainer, opts)
         finally:
@@ -117,7 +122,8 @@ def _run(trainer: Trainer, opts: BenchOptions) -> BenchResult:
             losses.append(loss)
             print(f"step {len(times)}/{opts.steps}: loss {loss:.4f}, {dt * 1000:.2f}ms")
     mean = sum(times) / len(times)
-    mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean, dtype=trainer.compute_dtype())
+    mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean,
+                                   dtype=trainer.compute_dtype())
     result = BenchResult(ms_per_iter=mean * 1000, median_ms=statistics.median(times) * 1000,
                          tokens_per_sec=trainer.tokens_per_iter / mean, mfu=mfu, losses=losses,
                          trace=_newest_trace(opts) if opts.profile else None)
@@ -140,7 +146,8 @@ def _profiler(opts: BenchOptions, device: str) -> Iterator[torch.profiler.profil
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     wait = max(opts.burn_in - 1, 0)
     with profile(activities=activities, on_trace_ready=tensorboard_trace_handler(opts.profile_dir),
-                 schedule=schedule(wait=wait, warmup=opts.burn_in - wait, active=opts.steps, repeat=1)) as prof:
+                 schedule=schedule(wait=wait, warmup=opts.burn_in - wait, active=opts.steps,
+                                   repeat=1)) as prof:
         yield prof
 
 

@@ -31,15 +31,18 @@ def resolve_device(device: str) -> str:
     except (RuntimeError, TypeError):
         kind, index = None, None
     if kind not in ("cpu", "cuda", "mps"):
-        raise GptforgeError(f"--device={device!r} is not a device gptforge runs on: use cpu, cuda, cuda:N, mps or auto")
+        raise GptforgeError(f"--device={device!r} is not a device gptforge runs on: "
+                            "use cpu, cuda, cuda:N, mps or auto")
     if kind == "cuda" and not torch.cuda.is_available():
         why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU"
-        raise GptforgeError(f"--device={device}: {why}; use --device=cpu, or --device=auto to take what there is")
+        raise GptforgeError(f"--device={device}: {why}; "
+                            "use --device=cpu, or --device=auto to take what there is")
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
         raise GptforgeError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise GptforgeError(f"--device={device}: Apple's MPS is not available here; use --device=cpu or --device=auto")
+        raise GptforgeError(f"--device={device}: Apple's MPS is not available here; "
+                            "use --device=cpu or --device=auto")
     return device
 
 
@@ -49,7 +52,8 @@ def resolve_compile(compile: bool | None, device: str) -> bool:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' follows the device: bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 elsewhere."""
+    """'auto' follows the device: bf16 on CUDA where supported, else fp16 (with a GradScaler);
+    fp32 elsewhere."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -84,8 +88,8 @@ def keep_freed_memory() -> None:
 
     A CPU step frees and reallocates the same activation buffers each iteration; past glibc's mmap and trim
     thresholds each comes back as fresh pages that fault in and are zeroed again: over a thousand page faults
-    per step of the CPU quick start, about a tenth of its time (docs/benchmarks.md). Raised thresholds keep those
-    pages in the heap, as a caching allocator (jemalloc, tcmalloc, PyTorch's own on CUDA) would.
+    per step of the CPU quick start, about a tenth of its time (docs/benchmarks.md). Raised thresholds keep
+    those pages in the heap, as a caching allocator (jemalloc, tcmalloc, PyTorch's own on CUDA) would.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -1,17 +1,19 @@
 """`gptforge eval`: score a run or a pretrained model on its val split, WikiText-2, LAMBADA and HellaSwag.
 
-Every task reduces to one primitive: sequences of tokens of which a suffix is scored, each scored token given all
-the tokens before it (`score`). Sequences are sorted by length and forwarded in padded batches (right padding:
-causal attention never lets a padded position change a real one); the head runs only at the scored positions,
-and log-probabilities are summed in float64. So results do not depend on the batch size beyond float rounding.
+Every task reduces to one primitive: sequences of tokens of which a suffix is scored, each scored token given
+all the tokens before it (`score`). Sequences are sorted by length and forwarded in padded batches (right
+padding: causal attention never lets a padded position change a real one); the head runs only at the scored
+positions, and log-probabilities are summed in float64. So results do not depend on the batch size beyond
+float rounding.
 
 - `val`: the run's whole val split in non-overlapping windows of block_size (+1 target): every token but the
   first scored once. `loss` (mean NLL per token, nats), `ppl`, and `bpb`: bits per UTF-8 byte of the text the
   scored tokens decode to, end-of-text tokens left out of both sums, so char and BPE models compare.
-- `wikitext2`: wiki.test.raw tokenized once, windows of block_size every `stride` tokens (default block_size/2),
-  each token scored once with the most context its window gives: `loss`, token `ppl`, `bpb`.
-- `lambada`: context `text.rsplit(" ", 1)[0]`, target `" " + last word`; `acc`: every target token is the greedy
-  argmax; `ppl`: exp(-mean over passages of the target's summed log-likelihood) (lm-eval-harness's convention).
+- `wikitext2`: wiki.test.raw tokenized once, windows of block_size every `stride` tokens (default
+  block_size/2), each token scored once with the most context its window gives: `loss`, token `ppl`, `bpb`.
+- `lambada`: context `text.rsplit(" ", 1)[0]`, target `" " + last word`; `acc`: every target token is the
+  greedy argmax; `ppl`: exp(-mean over passages of the target's summed log-likelihood) (lm-eval-harness's
+  convention).
 - `hellaswag`: each ending's `" " + ending` tokens scored after the context; `acc` picks the highest sum,
   `acc_norm` the highest sum per ending token (llm.c's way).
 """
@@ -45,23 +47,33 @@ HEAD_CHUNK = 1 << 26  # logits computed at once (elements): 256 MiB in float32, 
 
 @dataclass
 class EvalOptions(SourceOptions):
-    task: str = field(default="val", metadata={"help": f"{', '.join(TASKS)}, or several: --task=lambada,hellaswag"})
+    task: str = field(
+        default="val", metadata={"help": f"{', '.join(TASKS)}, or several: --task=lambada,hellaswag"}
+    )
     data_dir: str | None = field(  # SourceOptions' field, with what it also means here
         default=None,
-        metadata={"help": "where datasets live (default: the run's, else data); downloads go to DATA_DIR/evals"},
+        metadata={
+            "help": "where datasets live (default: the run's, else data); downloads go to DATA_DIR/evals"
+        },
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "the prepared dataset whose val split `val` scores (default: the run's)"}
+        default=None,
+        metadata={"help": "the prepared dataset whose val split `val` scores (default: the run's)"},
     )
     limit: int | None = field(
         default=None, metadata={"help": "only the first N examples (windows for val and wikitext2)"}
     )
     batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
-    stride: int | None = field(default=None, metadata={"help": "wikitext2 window step (default: block_size/2)"})
+    stride: int | None = field(
+        default=None, metadata={"help": "wikitext2 window step (default: block_size/2)"}
+    )
     json: bool = field(default=False, metadata={"help": "end stdout with one JSON line per task"})
     to: str | None = field(
         default=None,
-        metadata={"help": "results file (default: RUN/eval.json, DIR/eval.json, or ./eval-NAME.json for a hub name)"},
+        metadata={
+            "help": "results file (default: RUN/eval.json, DIR/eval.json, or ./eval-NAME.json "
+            "for a hub name)"
+        },
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
 
@@ -69,7 +81,9 @@ class EvalOptions(SourceOptions):
         super().__post_init__()
         unknown = [t for t in self.tasks() if t not in TASKS]
         if unknown or not self.tasks():
-            raise GptforgeError(f"--task={self.task}: choose from {', '.join(TASKS)} (comma-separated for several)")
+            raise GptforgeError(
+                f"--task={self.task}: choose from {', '.join(TASKS)} (comma-separated for several)"
+            )
         if self.limit is not None and self.limit < 1:
             raise GptforgeError(f"--limit={self.limit} must be at least 1, or None for all")
         if self.batch_size < 1:
@@ -81,7 +95,7 @@ class EvalOptions(SourceOptions):
         return [t.strip() for t in self.task.split(",") if t.strip()]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Scoring
 
 
@@ -175,7 +189,10 @@ class Scorer:
         logprob = torch.cat(logprobs).double().cpu().numpy()
         is_greedy = torch.cat(greedy).cpu().numpy()
         splits = np.cumsum(counts)[:-1]
-        return [Scored(lp, g) for lp, g in zip(np.split(logprob, splits), np.split(is_greedy, splits), strict=True)]
+        return [
+            Scored(lp, g)
+            for lp, g in zip(np.split(logprob, splits), np.split(is_greedy, splits), strict=True)
+        ]
 
 
 def fit_context(request: Request, block_size: int) -> Request:
@@ -195,7 +212,9 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, score_from) of windows over n tokens: tokens[begin:end] with its tokens from
     begin + score_from on scored; every token but the first scored exactly once."""
     if stride > block_size:
-        raise GptforgeError(f"--stride={stride} is larger than block_size={block_size}: tokens would go unscored")
+        raise GptforgeError(
+            f"--stride={stride} is larger than block_size={block_size}: tokens would go unscored"
+        )
     spans = []
     begin, scored_to = 0, 1  # the first token has no context to be scored with
     while scored_to < n:
@@ -206,7 +225,7 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tasks: each turns its data into requests and the scores into metrics.
 
 
@@ -234,7 +253,8 @@ class TaskInputs:
         return ids
 
     def context_ids(self, text: str, task: str) -> list[int]:
-        """A context's ids; an empty one is end-of-text, as the harnesses give it, so the first token has one."""
+        """A context's ids; an empty one is end-of-text, as the harnesses give it,
+        so the first token has one."""
         return self.encode(text, task) or encode_prompt(self.tokenizer, "", f"--task={task}: a context")
 
     def cache(self) -> Path:
@@ -245,7 +265,8 @@ class TaskInputs:
 
 
 def perplexity_metrics(tokens: np.ndarray, scored: list[Scored], tokenizer: Tokenizer) -> dict[str, Any]:
-    """loss/ppl over `tokens[1:]` (the tokens the windows scored, in order) and bits per byte of their text."""
+    """loss/ppl over `tokens[1:]` (the tokens the windows scored, in order)
+    and bits per byte of their text."""
     logprobs = np.concatenate([s.logprobs for s in scored])
     targets = np.asarray(tokens[1:1 + len(logprobs)])
     loss = -float(logprobs.mean())
@@ -256,7 +277,9 @@ def perplexity_metrics(tokens: np.ndarray, scored: list[Scored], tokenizer: Toke
             "bpb": nats / math.log(2) / max(n_bytes, 1)}
 
 
-def window_requests(tokens: np.ndarray, block_size: int, stride: int, limit: int | None) -> list[list[Request]]:
+def window_requests(
+    tokens: np.ndarray, block_size: int, stride: int, limit: int | None
+) -> list[list[Request]]:
     spans = windows(len(tokens), block_size, stride)[:limit]
     return [[Request(tokens[begin:end], score_from)] for begin, end, score_from in spans]
 
@@ -270,7 +293,9 @@ def task_val(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
     if inputs.opts.dataset:
         directory = Path(inputs.opts.data_dir or "data") / inputs.opts.dataset
     if directory is None:
-        raise GptforgeError("--task=val needs a prepared dataset: name it with --dataset=NAME (e.g. openwebtext)")
+        raise GptforgeError(
+            "--task=val needs a prepared dataset: name it with --dataset=NAME (e.g. openwebtext)"
+        )
     with TokenDataset(directory, "val") as split:
         tokens = np.array(split.tokens, dtype=np.int64)
     check_token_ids(int(tokens.max()), inputs.source.model.config.vocab_size, f"{directory}/val.bin")
@@ -313,7 +338,9 @@ def task_hellaswag(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
     groups = []
     for task in tasks:
         ids = inputs.context_ids(task.context, "hellaswag")
-        groups.append([Request(ids + inputs.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings])
+        groups.append(
+            [Request(ids + inputs.encode(" " + ending, "hellaswag"), len(ids)) for ending in task.endings]
+        )
 
     def finish(scored: list[list[Scored]]) -> dict[str, Any]:
         correct = correct_norm = 0
@@ -331,7 +358,7 @@ TASK_FUNCTIONS: dict[str, Callable[[TaskInputs], tuple[list[list[Request]], Fini
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -360,7 +387,9 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
         results[task] = {"task": task, **metrics}
     about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,
              "limit": opts.limit}
-    atomic_write_text(path, json.dumps({**saved, **{t: {**m, **about} for t, m in results.items()}}, indent=2) + "\n")
+    atomic_write_text(
+        path, json.dumps({**saved, **{t: {**m, **about} for t, m in results.items()}}, indent=2) + "\n"
+    )
     out.write(format_table(results) + f"\nwrote {path}\n")
     if opts.json:
         for metrics in results.values():

@@ -241,7 +241,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: i
         # one token per character: every character is its own pre-token, looked up whole, joined back as is
         fast = tokenizers.Tokenizer(tokenizers.models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)},
                                                                 unk_token=UNKNOWN_CHAR))
-        fast.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("(?s)."), behavior="isolated")
+        fast.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
         fast.decoder = tokenizers.decoders.Fuse()
         tokenizer_class = "PreTrainedTokenizerFast"
     else:

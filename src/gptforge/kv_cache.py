@@ -1,10 +1,11 @@
-"""KV caches: the keys and values of earlier positions, kept so that decoding a token costs one token's compute.
+"""KV caches: the keys and values of earlier positions, kept so decoding a token costs one token's compute.
 
 - `KVCache`: a batch of sequences that advance together (`generate.py`'s decoding loop).
 - `SlotKVCache`: `n_slots` independent sequences, each at its own length (the server's continuous batching).
 
-Each cache owns how a query attends to what it holds (`attend`), so the model's attention reads "no cache: causal
-attention; a cache: ask the cache". This module knows tensors and the model's shape (`GPTConfig`), nothing else.
+Each cache owns how a query attends to what it holds (`attend`), so the model's attention reads "no cache:
+causal attention; a cache: ask the cache". This module knows tensors and the model's shape (`GPTConfig`),
+nothing else.
 """
 
 from typing import Protocol
@@ -16,7 +17,8 @@ from gptforge.model import GPTConfig
 
 
 class Cache(Protocol):
-    """What the model asks of a cache: where the new tokens sit, attention over the cached keys, and advancing."""
+    """What the model asks of a cache: where the new tokens sit, attention over the cached keys,
+    and advancing."""
 
     @property
     def pos(self) -> int | torch.Tensor:
@@ -63,9 +65,9 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The queries sit at positions pos..pos+T-1 and see every key up to their own position: a plain causal
-        mask when nothing is cached, none for a single new token, and an offset mask for a chunk after a cached
-        prefix (is_causal would align the mask to the top-left)."""
+        """The queries sit at positions pos..pos+T-1 and see every key up to their own position: a plain
+        causal mask when nothing is cached, none for a single new token, and an offset mask for a chunk
+        after a cached prefix (is_causal would align the mask to the top-left)."""
         past, T = self.pos, q.size(2)
         keys, values = self.update(layer, k, v)
         mask = None
@@ -78,14 +80,15 @@ class KVCache:
 
 
 class SlotKVCache:
-    """Keys and values of `n_slots` independent sequences, each at its own length: continuous batching's cache.
+    """Keys and values of `n_slots` independent sequences, each at its own length:
+    continuous batching's cache.
 
     A server decodes many requests in one forward: each holds a slot from its prefill until it finishes, and
     requests join and leave between steps. A step feeds one token to each slot of `rows`, in that order: the
-    busy slots, or every slot so that each step has the same shape (a free slot's result is then ignored), which
-    makes the matmul kernels round each row the same way whichever other rows are busy. Attention runs slot by
-    slot over exactly that slot's keys, for the same reason (docs/serving.md, "Batching"). All memory is
-    allocated here, once.
+    busy slots, or every slot so that each step has the same shape (a free slot's result is then ignored),
+    which makes the matmul kernels round each row the same way whichever other rows are busy. Attention runs
+    slot by slot over exactly that slot's keys, for the same reason (docs/serving.md, "Batching"). All memory
+    is allocated here, once.
     """
 
     def __init__(
@@ -107,7 +110,8 @@ class SlotKVCache:
         return torch.tensor([self.lengths[s] for s in self.rows], device=self.k.device).unsqueeze(1)
 
     def slot(self, index: int) -> KVCache:
-        """A batch-1 KVCache over the storage of slot `index`, empty: prefill a prompt into it, then `occupy`."""
+        """A batch-1 KVCache over the storage of slot `index`, empty:
+        prefill a prompt into it, then `occupy`."""
         view = KVCache(self.config, 1, self.max_len)
         view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
         return view
@@ -117,7 +121,8 @@ class SlotKVCache:
         self.lengths[index], self.busy[index] = length, True
 
     def copy(self, source: int, target: int) -> None:
-        """Occupy `target` with a copy of `source`'s sequence (several samples of one prompt share its prefill)."""
+        """Occupy `target` with a copy of `source`'s sequence
+        (several samples of one prompt share its prefill)."""
         end = self.lengths[source]
         self.k[:, target, :, :end] = self.k[:, source, :, :end]
         self.v[:, target, :, :end] = self.v[:, source, :, :end]
@@ -127,8 +132,9 @@ class SlotKVCache:
         self.lengths[index], self.busy[index] = 0, False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new token's keys/values (len(rows), nh, 1, hs) of `layer`, each at its slot's own position;
-        return the whole cache of `layer`, (n_slots, nh, max_len, hs): a slot is valid up to its length + 1."""
+        """Store one new token's keys/values (len(rows), nh, 1, hs) of `layer`, each at its slot's own
+        position; return the whole cache of `layer`, (n_slots, nh, max_len, hs): a slot is valid up to its
+        length + 1."""
         if k.size(2) != 1:
             raise ValueError("a SlotKVCache step takes one token per slot; prefill each slot through `slot`")
         rows, pos = torch.tensor(self.rows, device=k.device), self.pos.squeeze(1)

@@ -1,8 +1,8 @@
 """The GPT-2 network: numerically the GPT-2 of OpenAI and Hugging Face, in one file.
 
 With its options left at their defaults it is exactly GPT-2. The options (rotary positions, RMSNorm, ReLU² or
-SwiGLU, QK-norm, an untied head, logit soft-capping, zero-initialised projections) are the architecture changes
-of the modded-nanogpt speedrun and of Llama, each a small module or a line where it acts.
+SwiGLU, QK-norm, an untied head, logit soft-capping, zero-initialised projections) are the architecture
+changes of the modded-nanogpt speedrun and of Llama, each a small module or a line where it acts.
 
 References:
 1) OpenAI's official GPT-2 TensorFlow implementation:
@@ -11,9 +11,9 @@ References:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 3) modded-nanogpt, the NanoGPT speedrun: https://github.com/KellerJordan/modded-nanogpt
 
-This module knows tensors of token ids and nothing of text. KV caches live in `kv_cache.py` (attention asks the
-cache it is given), decoding loops in `generate.py`, Hugging Face conversion in `hf.py`, checkpoint files in
-`checkpoint.py`; the methods here that reach them are thin doors, and this module imports none of them.
+This module knows tensors of token ids and nothing of text. KV caches live in `kv_cache.py` (attention asks
+the cache it is given), decoding loops in `generate.py`, Hugging Face conversion in `hf.py`, checkpoint files
+in `checkpoint.py`; the methods here that reach them are thin doors, and this module imports none of them.
 """
 
 import inspect
@@ -81,7 +81,9 @@ class GPTConfig:
             if f.type is bool and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"GPTConfig.{f.name} must be True or False, got {getattr(self, f.name)!r}")
         cap = self.logit_softcap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < math.inf):
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < math.inf
+        ):
             raise ValueError(f"GPTConfig.logit_softcap must be a positive number or None, got {cap!r}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(
@@ -114,7 +116,8 @@ def norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
 
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # the cos and sin of every (position, channel pair), (T, head_size / 2)
+# the cos and sin of every (position, channel pair), (T, head_size / 2)
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Rotary(nn.Module):
@@ -198,13 +201,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(x)
-        # ReLU² (Primer, https://arxiv.org/abs/2109.08668): the speedrun's activation, it learns faster than GELU
+        # ReLU² (Primer, https://arxiv.org/abs/2109.08668): the speedrun's activation, it learns faster
+        # than GELU
         x = self.gelu(x) if self.gelu is not None else F.relu(x).square()
         return self.dropout(self.c_proj(x))
 
 
 def swiglu_hidden_size(n_embd: int) -> int:
-    """8/3 * n_embd, rounded up to a multiple of 64: three such matrices hold as many weights as two 4x ones."""
+    """8/3 * n_embd, rounded up to a multiple of 64:
+    three such matrices hold as many weights as two 4x ones."""
     return 64 * math.ceil(8 * n_embd / (3 * 64))
 
 
@@ -262,8 +267,9 @@ class GPT(nn.Module):
             # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2 paper: scale the residual projections' init by 1/sqrt(2 * n_layer), two per block. Zero instead
-        # (modded-nanogpt) starts every block as the identity: the residual stream is the embedding at first.
+        # GPT-2 paper: scale the residual projections' init by 1/sqrt(2 * n_layer), two per block. Zero
+        # instead (modded-nanogpt) starts every block as the identity: the residual stream is the embedding
+        # at first.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight") and config.zero_init_proj:
                 torch.nn.init.zeros_(p)
@@ -313,10 +319,11 @@ class GPT(nn.Module):
         return logits, None
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: "Cache | None" = None) -> torch.Tensor:
-        """The final normalized hidden states (B, T, n_embd) that `head` turns into logits; scoring applies the
-        head only at the positions it scores."""
+        """The final normalized hidden states (B, T, n_embd) that `head` turns into logits;
+        scoring applies the head only at the positions it scores."""
         T = idx.size(1)
-        past = kv_cache.pos if kv_cache is not None else 0  # a SlotKVCache's is (n_slots, 1): each row its own
+        # a SlotKVCache's is (n_slots, 1): each row its own
+        past = kv_cache.pos if kv_cache is not None else 0
         longest = past if isinstance(past, int) else int(past.max())
         if longest + T > self.config.block_size:
             raise ValueError(
@@ -373,7 +380,11 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def estimate_mfu(
-        self, fwdbwd_per_iter: int, dt: float, dtype: torch.dtype | None = None, peak_flops: float | None = None
+        self,
+        fwdbwd_per_iter: int,
+        dt: float,
+        dtype: torch.dtype | None = None,
+        peak_flops: float | None = None,
     ) -> float | None:
         """Model FLOPs utilization: achieved FLOPS over the device's peak (PaLM paper, Appendix B).
 
@@ -399,7 +410,9 @@ class GPT(nn.Module):
 
         return generate(self, idx, max_new_tokens, **kwargs)
 
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> "Iterator[torch.Tensor]":
+    def generate_stream(
+        self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any
+    ) -> "Iterator[torch.Tensor]":
         """Yield each step's new tokens (B,) as they are produced; see `generate.stream`."""
         from gptforge.generate import stream
 
@@ -414,7 +427,8 @@ class GPT(nn.Module):
         return load_hf_gpt2(name_or_dir, override_args)
 
     def to_hf(self, directory: str | Path) -> None:
-        """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads; see `hf.save_hf_gpt2`."""
+        """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads;
+        see `hf.save_hf_gpt2`."""
         from gptforge.hf import save_hf_gpt2
 
         save_hf_gpt2(self, directory)

@@ -1,9 +1,10 @@
-"""Command-line options: nanoGPT-style `--key=value` arguments applied to dataclasses, and `--help` drawn from them.
+"""Command-line options: nanoGPT-style `--key=value` arguments applied to dataclasses,
+and `--help` drawn from them.
 
 Values are parsed with `ast.literal_eval` (never executed) and coerced to the field's declared type, so
-`--max_iters=1e4` gives the int 10000 and `--top_k=None` works for optional fields. Every command's options are
-a dataclass whose fields carry a one-line `help` in their metadata; `usage` renders them all the same way. This
-module knows dataclasses and strings, nothing of what the options mean.
+`--max_iters=1e4` gives the int 10000 and `--top_k=None` works for optional fields. Every command's options
+are a dataclass whose fields carry a one-line `help` in their metadata; `usage` renders them all the same
+way. This module knows dataclasses and strings, nothing of what the options mean.
 """
 
 import ast
@@ -32,8 +33,15 @@ def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         if not key:
             raise GptforgeError(f"option {arg!r} is not of the form --key=value")
         following = argv[i + 1] if i + 1 < len(argv) else None
-        if not sep and following is not None and not following.startswith("-") and not Path(following).exists():
-            raise GptforgeError(f"options take their value after '=': write {arg}={following}, not {arg} {following}")
+        if (
+            not sep
+            and following is not None
+            and not following.startswith("-")
+            and not Path(following).exists()
+        ):
+            raise GptforgeError(
+                f"options take their value after '=': write {arg}={following}, not {arg} {following}"
+            )
         if not sep:
             value = "True"
         options[key.replace("-", "_")] = value
@@ -109,9 +117,9 @@ def closest_key(key: str, valid: typing.Iterable[str]) -> str:
 def apply_overrides(obj: T, overrides: dict[str, Any], source: str = "") -> T:
     """Return a copy of dataclass `obj` with `overrides` applied.
 
-    `source` names the config file the overrides come from, for error messages. Without it they are command-line
-    text, and strings are parsed as literals (`--max_iters=1e4`); a file's values already have their types, so
-    `max_iters = "1e4"` in a file is a wrong type, not a number.
+    `source` names the config file the overrides come from, for error messages. Without it they are
+    command-line text, and strings are parsed as literals (`--max_iters=1e4`); a file's values already have
+    their types, so `max_iters = "1e4"` in a file is a wrong type, not a number.
     """
     hints = typing.get_type_hints(type(obj))
     fields = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]

@@ -19,7 +19,8 @@ from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
 
 @dataclass
 class Source:
-    """A model (on the CPU, dropout off), its tokenizer, and the directory it was read from (None: a hub name)."""
+    """A model (on the CPU, dropout off), its tokenizer, and the directory it was read from
+    (None: a hub name)."""
 
     model: GPT
     tokenizer: Tokenizer
@@ -30,8 +31,8 @@ class Source:
 
 
 def load_source(
-    init_from: str, out_dir: str = "out", which: Literal["best", "latest"] = "best", data_dir: str | None = None,
-    mirror: Path | None = None,
+    init_from: str, out_dir: str = "out", which: Literal["best", "latest"] = "best",
+    data_dir: str | None = None, mirror: Path | None = None,
 ) -> Source:
     """The model and tokenizer that `init_from` names; `mirror` holds tokenizer files (default: the env's)."""
     if init_from == "resume":
@@ -51,7 +52,8 @@ def load_source(
 
 @dataclass
 class SourceOptions:
-    """The options of every command that loads a model (sample, eval, serve): which one, where it runs, in what."""
+    """The options of every command that loads a model (sample, eval, serve):
+    which one, where it runs, in what."""
 
     init_from: str = option("resume", "resume (the run in out_dir), gpt2*, or a model directory")
     out_dir: str = option("out", "the run to use (init_from=resume)")
@@ -59,7 +61,9 @@ class SourceOptions:
     data_dir: str | None = option(None, "where the run's dataset (its tokenizer) lives, if it moved")
     device: str = option("auto", "cpu, cuda, cuda:1, mps; auto: the best there is")
     dtype: str = option("auto", "float32, bfloat16, float16; auto follows the device")
-    mirror: str | None = option(None, "local mirror tried before downloading (default: $GPTFORGE_DATA_MIRROR)")
+    mirror: str | None = option(
+        None, "local mirror tried before downloading (default: $GPTFORGE_DATA_MIRROR)"
+    )
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)

@@ -1,14 +1,16 @@
 """Tokenizers: text to token ids and back.
 
-- `char`: one id per character of a fixed vocabulary (nanoGPT's shakespeare_char: the sorted distinct characters).
-- `gpt2`: OpenAI's GPT-2 BPE through tiktoken (`<|endoftext|>` = 50256), built from the mirror's `encoder.json` and
-  `vocab.bpe` when a mirror has them, else from tiktoken's own download.
+- `char`: one id per character of a fixed vocabulary (nanoGPT's shakespeare_char: the sorted distinct
+  characters).
+- `gpt2`: OpenAI's GPT-2 BPE through tiktoken (`<|endoftext|>` = 50256), built from the mirror's
+  `encoder.json` and `vocab.bpe` when a mirror has them, else from tiktoken's own download.
 - `bpe`: a byte-level BPE trained on the user's corpus with HF `tokenizers`, saved as `tokenizer.json`.
 
-A tokenizer describes itself as a JSON-able `spec()` and `from_spec` rebuilds it; that is how meta.json stores it.
-Beside them, what every command that talks to a model needs from the text side: a prompt's ids (`encode_prompt`),
-the check that ids fit a model's vocabulary (`check_token_ids`) and generated ids back into complete text
-(`TextStream`). This module knows nothing about token files, splits or models beyond a vocabulary's size.
+A tokenizer describes itself as a JSON-able `spec()` and `from_spec` rebuilds it; that is how meta.json stores
+it. Beside them, what every command that talks to a model needs from the text side: a prompt's ids
+(`encode_prompt`), the check that ids fit a model's vocabulary (`check_token_ids`) and generated ids back into
+complete text (`TextStream`). This module knows nothing about token files, splits or models beyond a
+vocabulary's size.
 """
 
 import functools
@@ -78,13 +80,15 @@ class CharTokenizer(Tokenizer):
         self.chars = chars
         self.vocab_size = len(chars)
         codes = _codepoints(chars)
-        # A lookup table from code point to id (-1: not in the vocabulary) encodes a whole text in one numpy gather.
+        # A lookup table from code point to id (-1: not in the vocabulary) encodes a whole text in one
+        # numpy gather.
         self._ids = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
         self._ids[codes] = np.arange(len(chars))
 
     @classmethod
     def from_text(cls, texts: Iterable[str]) -> "CharTokenizer":
-        """The vocabulary of a corpus given in pieces: its sorted distinct characters, as nanoGPT builds it."""
+        """The vocabulary of a corpus given in pieces: its sorted distinct characters,
+        as nanoGPT builds it."""
         seen: set[str] = set()
         for text in texts:
             seen.update(text)
@@ -99,8 +103,9 @@ class CharTokenizer(Tokenizer):
             position = int(np.argmax(ids < 0))
             char = text[position]
             raise GptforgeError(
-                f"character {char!r} (U+{ord(char):04X}) at position {position} is not in this char tokenizer's "
-                f"{self.vocab_size}-character vocabulary; remove it, or prepare the dataset from text that has it"
+                f"character {char!r} (U+{ord(char):04X}) at position {position} is not in this char "
+                f"tokenizer's {self.vocab_size}-character vocabulary; remove it, or prepare the dataset "
+                "from text that has it"
             )
         return ids.astype(np.uint32)
 
@@ -137,7 +142,8 @@ class GPT2Tokenizer(Tokenizer):
         return self._encoding.encode_ordinary(text)
 
     def encode_to_numpy(self, text: str) -> np.ndarray:
-        # No special tokens allowed and none disallowed: the same ids as encode_ordinary, without a Python list.
+        # No special tokens allowed and none disallowed: the same ids as encode_ordinary, without a
+        # Python list.
         return self._encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -156,7 +162,8 @@ class GPT2Tokenizer(Tokenizer):
 
 @functools.cache
 def gpt2_encoding(mirror: Path | None) -> tiktoken.Encoding:
-    """tiktoken's GPT-2 encoding from the mirror's encoder.json + vocab.bpe, else tiktoken's download (and cache)."""
+    """tiktoken's GPT-2 encoding from the mirror's encoder.json + vocab.bpe,
+    else tiktoken's download (and cache)."""
     encoder_json, vocab_bpe = in_mirror(GPT2_ENCODER_JSON, mirror), in_mirror(GPT2_VOCAB_BPE, mirror)
     if encoder_json is None or vocab_bpe is None:
         try:
@@ -164,7 +171,8 @@ def gpt2_encoding(mirror: Path | None) -> tiktoken.Encoding:
         except (OSError, ValueError) as e:  # requests' errors are OSErrors; a bad download is a ValueError
             raise GptforgeError(
                 f"cannot get the GPT-2 BPE files ({GPT2_ENCODER_JSON.url} and vocab.bpe beside it): "
-                f"{type(e).__name__}; offline? {HOW_TO_MIRROR} with gpt2/encoder.json and gpt2/vocab.bpe inside it"
+                f"{type(e).__name__}; offline? {HOW_TO_MIRROR} with gpt2/encoder.json and gpt2/vocab.bpe "
+                "inside it"
             ) from e
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json)
@@ -185,7 +193,8 @@ class BPETokenizer(Tokenizer):
     FILE = "tokenizer.json"
 
     def __init__(self, hf: tokenizers.Tokenizer):
-        # `<|endoftext|>` in a text stays ordinary text, as with gpt2's encode_ordinary; only prepare adds the id.
+        # `<|endoftext|>` in a text stays ordinary text, as with gpt2's encode_ordinary; only prepare adds
+        # the id.
         hf.encode_special_tokens = True
         self.hf = hf
         self.vocab_size = hf.get_vocab_size()
@@ -272,16 +281,18 @@ def encode_prompt(tokenizer: Tokenizer, text: str, what: str = "the prompt") -> 
 
 
 def check_token_ids(max_id: int, vocab_size: int, what: str) -> None:
-    """`what` (a prompt, a dataset) holds ids up to `max_id`: all must be rows of a `vocab_size`-token model."""
+    """`what` (a prompt, a dataset) holds ids up to `max_id`:
+    all must be rows of a `vocab_size`-token model."""
     if max_id >= vocab_size:
         raise GptforgeError(
-            f"{what} has token ids the {vocab_size}-token model does not know (up to {max_id}, the model's last is "
-            f"{vocab_size - 1})"
+            f"{what} has token ids the {vocab_size}-token model does not know (up to {max_id}, the model's "
+            f"last is {vocab_size - 1})"
         )
 
 
 class TextStream:
-    """Token ids in, finished text out: tokens whose text ends in an incomplete character wait for the rest."""
+    """Token ids in, finished text out: tokens whose text ends in an incomplete character
+    wait for the rest."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer

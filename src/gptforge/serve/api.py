@@ -1,9 +1,9 @@
 """OpenAI's completions API as this server speaks it: the request it accepts, the responses it writes, the
 errors it answers.
 
-Shapes only: what a valid request is, what a completion and its usage look like, and what every error looks
-like on the wire, FastAPI's own (invalid JSON, a missing field, no such route) included. What a request does
-is completions.py's; which route answers it is app.py's.
+Shapes only: what a valid request is (strict JSON: UTF-8 text, no NaN, no coerced types), what a completion
+and its usage look like, and what every error looks like on the wire, FastAPI's own (invalid JSON, a missing
+field, no such route) included. What a request does is completions.py's; which route answers it is app.py's.
 """
 
 import secrets
@@ -13,18 +13,26 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+
+# as OpenAI's API: a field of the wrong type is an error, never coerced ("yes" is no boolean, true no
+# integer, "0.5" no number; an integer is still a number); NaN and infinities are no numbers either
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+RETRY_AFTER = 1  # seconds a 429 asks its client to wait: the queue moves at every decode step
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """OpenAI's `POST /v1/completions` body; `top_k` is an extension. Unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     prompt: str | list[str]
@@ -52,6 +60,18 @@ class CompletionRequest(BaseModel):
         neutral = {"echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
                    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {})}
         return next((name for name, values in neutral.items() if getattr(self, name) not in values), None)
+
+
+async def completion_request(request: Request) -> CompletionRequest:
+    """A FastAPI dependency: the body as a CompletionRequest, parsed as JSON whatever its Content-Type says
+    (`curl -d` sends application/x-www-form-urlencoded). Pydantic parses the bytes itself, so a body that is
+    not UTF-8 JSON text (a lone UTF-16 surrogate such as "\\ud800" included) is refused before any of it
+    becomes a Python string; RequestValidationError, as FastAPI's own parsing raises, otherwise."""
+    try:
+        return CompletionRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def completion_header(model_id: str) -> dict[str, Any]:
@@ -82,7 +102,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        """The error as a response; a 429 says when to come back (Retry-After)."""
+        headers = {"Retry-After": str(RETRY_AFTER)} if self.status == 429 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -92,7 +114,8 @@ async def api_error(_: Request, e: APIError) -> JSONResponse:
 async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     error = e.errors()[0]
     if error["type"] == "json_invalid":
-        return APIError(400, "We could not parse the JSON body of your request.").response()
+        return APIError(400, f"We could not parse the JSON body of your request ({error['msg']}): send "
+                             "UTF-8 JSON text, with no lone UTF-16 surrogates").response()
     param = str(error["loc"][1]) if len(error["loc"]) > 1 else None  # ("body", field, ...)
     return APIError(422, f"{param or 'body'}: {error['msg']}", param, code="invalid_value").response()
 

@@ -1,6 +1,6 @@
 """The HTTP app of `gptforge serve`: its routes, and `create_app`, which wires an engine into them.
 
-`/` is the playground page and `/health` the engine's occupancy, open to all; under `/v1`, behind the API
+`/` is the playground page and `/health` the engine's occupancy (GET or HEAD), open to all; under `/v1`, behind the API
 key, the model list and the completions, whose work is completions.py's. Routes read what they serve from
 `app.state`; the app starts and stops the engine with its lifespan. The process around it (options, the
 socket, the signals that drain it) is server.py's.
@@ -10,12 +10,12 @@ import importlib.resources
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from gptforge.serve.api import APIError, CompletionRequest, answer_errors_in_openai_shape
+from gptforge.serve.api import APIError, CompletionRequest, answer_errors_in_openai_shape, completion_request
 from gptforge.serve.completions import Completions
 from gptforge.serve.engine import Engine
 from gptforge.serve.guards import BodyLimit, bearer_check
@@ -36,7 +36,7 @@ async def playground(request: Request) -> HTMLResponse:
     return HTMLResponse(request.app.state.page, headers={"Content-Security-Policy": PLAYGROUND_CSP})
 
 
-@site.get("/health")
+@site.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what uptime checkers send
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     body = {"status": "shutting down" if state.draining else "ok", "model": state.model_id,
@@ -54,7 +54,9 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @v1.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+async def completions(
+    body: Annotated[CompletionRequest, Depends(completion_request)], request: Request
+) -> JSONResponse | StreamingResponse:
     if request.app.state.draining:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     return await request.app.state.completions.respond(body, request)

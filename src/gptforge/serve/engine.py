@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from gptforge.generate import filter_logits
+from gptforge.generate import filter_logits, overflow_free
 from gptforge.kv_cache import SlotKVCache
 from gptforge.model import GPT
 from gptforge.tokenizer import TextStream, Tokenizer
@@ -86,22 +86,25 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
     these kernels work row by row, so a row's numbers depend on the batch's shape only, never on the other
     rows; a row with top-k or top-p is filtered on its own. (`sample_next`'s torch.multinomial would draw an
     exponential per vocabulary entry and row: some 20x slower at GPT-2's 50257.)
+
+    Total over the documented ranges, by `sample_next`'s rules: a temperature so small that the logits divided
+    by it overflow (1e-40) draws the argmax, and `filter_logits` keeps the most likely token whatever top_p
+    (1e-300), so such a row is greedy too.
     """
     temperatures = [[row[0].temperature or 1.0] if row else [1.0] for row in rows]
-    temperature = torch.tensor(temperatures, device=logits.device)
+    scaled = logits.float() / torch.tensor(temperatures, device=logits.device)
+    finite = overflow_free(scaled).tolist()
     greedy = logits.argmax(dim=-1).tolist()
-    # float64: no mass lost
-    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(-1, dtype=torch.float64)
+    cdf = F.softmax(scaled, dim=-1).cumsum(-1, dtype=torch.float64)  # float64: no mass lost
     tokens: list[int | None] = []
     for i, row in enumerate(rows):
-        if row is None or row[0].temperature == 0:
+        if row is None or row[0].temperature == 0 or not finite[i]:
             tokens.append(None if row is None else greedy[i])
             continue
         sampling, generator = row
         row_cdf = cdf[i]
         if sampling.top_k is not None or (sampling.top_p or 1.0) < 1.0:
-            scaled = logits[i].float() / sampling.temperature
-            filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
+            filtered = filter_logits(scaled[i], sampling.top_k, sampling.top_p)
             row_cdf = F.softmax(filtered, dim=-1).cumsum(-1, dtype=torch.float64)
         u = torch.rand((), dtype=torch.float64, generator=generator, device=logits.device) * row_cdf[-1]
         # the first token whose cumulative mass passes u
