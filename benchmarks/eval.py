@@ -3,13 +3,14 @@
     python benchmarks/eval.py [--init_from=gpt2|DIR] [--tasks=hellaswag,lambada,wikitext2] [--limit=100]
         [--rounds=3] [--batch_size=32] [--device=cpu] [--dtype=float32] [--threads=N]
 
-For each task the script builds the task's requests once (from the mirror's files), then alternates, `--rounds`
-times: the scorer over every request (padding, the head at the scored positions, log-softmax, greedy check,
-per-request sums back on the host), and the model's own forward, `model(inputs, targets)` with logits at every
-position and the loss, over exactly the same padded batches. Both count the same tokens: the positions of the
-requests, not the padding. The ratio of the medians is the scorer's throughput as a share of the bare forward's.
-Without --init_from the model is GPT-2 124M-shaped with random weights (scores are then meaningless, speeds
-are not); tokenizing the task's text is timed separately and reported, not counted in either rate.
+For each task the script builds the task's requests once (from the mirror's files), then alternates,
+`--rounds` times: the scorer over every request (padding, the head at the scored positions, log-softmax,
+greedy check, per-request sums back on the host), and the model's own forward, `model(inputs, targets)` with
+logits at every position and the loss, over exactly the same padded batches. Both count the same tokens: the
+positions of the requests, not the padding. The ratio of the medians is the scorer's throughput as a share of
+the bare forward's. Without --init_from the model is GPT-2 124M-shaped with random weights (scores are then
+meaningless, speeds are not); tokenizing the task's text is timed separately and reported, not counted in
+either rate.
 """
 
 import argparse
@@ -48,7 +49,9 @@ def time_bare(scorer: Scorer, groups: list[list[Request]]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--init_from", help="gpt2*, or a model directory (default: random GPT-2 124M shape)")
     parser.add_argument("--tasks", default="hellaswag,lambada,wikitext2")
     parser.add_argument("--limit", type=int, default=100, help="examples per task (windows for wikitext2)")
@@ -69,7 +72,10 @@ def main() -> None:
         model = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
         source = Source(model, GPT2Tokenizer(), None, "random GPT-2 124M shape")
     scorer = Scorer(source.model, device, dtype, args.batch_size, progress=False)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    name = (
+        torch.cuda.get_device_name() if device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
     print(f"# {date.today()}, {name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {source.name}, {device} {dtype}, batch_size {args.batch_size}")
     print("| task | examples | tokens | tokenize s | scorer tok/s | bare forward tok/s | scorer / bare |")
@@ -86,8 +92,8 @@ def main() -> None:
             scored.append(time_scorer(scorer, groups))
             bare.append(time_bare(scorer, groups))
         s, b = tokens / statistics.median(scored), tokens / statistics.median(bare)
-        print(f"| {task} | {len(groups):,} | {tokens:,} | {tokenize:.2f} | {s:,.0f} | {b:,.0f} | {s / b:.0%} |",
-              flush=True)
+        print(f"| {task} | {len(groups):,} | {tokens:,} | {tokenize:.2f} | {s:,.0f} | {b:,.0f} "
+              f"| {s / b:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,9 +113,11 @@ def main() -> None:
         ("use_cache=True, optimize_for_decoding", fast, True),
         ("use_cache=True, bf16 weights", bf16, True),
     ]
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}")
     print(f"# {args.prompt_len}-token prompt, {args.new_tokens} new tokens, batch 1, greedy")
-    header = f"| {'configuration':<42} | {'tokens/s':>8} | " + " | ".join(f"ms/tok @{c:>4}" for c in CONTEXTS) + " |"
+    header = (f"| {'configuration':<42} | {'tokens/s':>8} | "
+              + " | ".join(f"ms/tok @{c:>4}" for c in CONTEXTS) + " |")
     print(header)
     print("|" + "|".join("-" * (len(col) + 0) for col in header.split("|")[1:-1]) + "|")
     results = {}
@@ -137,14 +139,17 @@ def main() -> None:
     print("|---|---|---|")
     for name, shape in (("c_attn", (2304, 768)), ("attn.c_proj", (768, 768)), ("c_fc", (3072, 768)),
                         ("mlp.c_proj", (768, 3072)), ("lm_head", (50304, 768))):
-        print(f"| {name} {shape} | {layout_bandwidth(shape, False):.1f} | {layout_bandwidth(shape, True):.1f} |")
+        print(f"| {name} {shape} | {layout_bandwidth(shape, False):.1f} "
+              f"| {layout_bandwidth(shape, True):.1f} |")
     print()
     recompute = results["use_cache=False (recompute, nanoGPT)"]
-    best_floor = max(results["floor: weight streaming, nn.Linear layout"], results["floor: weight streaming, decoding layout"])
+    best_floor = max(results["floor: weight streaming, nn.Linear layout"],
+                     results["floor: weight streaming, decoding layout"])
     for name in ("use_cache=True", "use_cache=True, optimize_for_decoding"):
         print(f"# {name}: {results[name] / recompute:.1f}x recompute, "
               f"{results[name] / best_floor:.0%} of the best fp32 floor ({best_floor:.1f} tokens/s)")
-    print(f"# bf16: {results['use_cache=True, bf16 weights'] / results['floor: weight streaming, bf16']:.0%} of its floor")
+    print(f"# bf16: {results['use_cache=True, bf16 weights'] / results['floor: weight streaming, bf16']:.0%}"
+          " of its floor")
 
 
 if __name__ == "__main__":

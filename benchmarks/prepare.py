@@ -4,14 +4,15 @@
 
 The input is the mirror's War and Peace (gutenberg/war_and_peace_pg2600.txt, 3.4 MB) repeated into a temporary
 file of each size. Every measurement runs in a fresh process, so its peak RSS is its own (os.wait4):
-- bare: the whole text already in memory, `encode_ordinary_batch` over 1 MB pieces on every core; only that call
-  is timed.
-- pipeline: `prepare text` end to end (reading, decoding, counting, hashing, tokenizing, writing, fsync, meta.json).
+- bare: the whole text already in memory, `encode_ordinary_batch` over 1 MB pieces on every core; only that
+  call is timed.
+- pipeline: `prepare text` end to end (reading, decoding, counting, hashing, tokenizing, writing, fsync,
+  meta.json).
 MB/s counts input bytes. "cores used" is CPU seconds over wall seconds, which other work on a shared machine
-lowers; "encodes in flight" is the summed time of the tokenizer calls over wall time, which it does not (2 on 2
-cores: the tokenizer threads never wait for text). Bare and pipeline runs alternate and each cell is the median of
-`--repeat` runs ("pipeline / bare" the median of the back-to-back pairs' ratios): on a shared machine compare the
-ratio, not the absolute MB/s.
+lowers; "encodes in flight" is the summed time of the tokenizer calls over wall time, which it does not (2 on
+2 cores: the tokenizer threads never wait for text). Bare and pipeline runs alternate and each cell is the
+median of `--repeat` runs ("pipeline / bare" the median of the back-to-back pairs' ratios): on a shared
+machine compare the ratio, not the absolute MB/s.
 """
 
 import argparse
@@ -39,8 +40,8 @@ def corpus_path() -> Path:
 
 
 def one(mode: str, path: Path) -> dict:
-    """Run one measurement in this process: seconds and CPU seconds of the timed part, and how many encode calls
-    were in flight on average (2 on 2 cores means the tokenizer threads never waited for work)."""
+    """Run one measurement in this process: seconds and CPU seconds of the timed part, and how many encode
+    calls were in flight on average (2 on 2 cores means the tokenizer threads never waited for work)."""
     from gptforge.data.prepare import TextOptions, prepare_text
     from gptforge.tokenizer import GPT2Tokenizer, gpt2_encoding
 
@@ -61,14 +62,19 @@ def one(mode: str, path: Path) -> dict:
             encoding.encode_ordinary = timed(encoding.encode_ordinary)  # what encode_ordinary_batch calls
             text = path.read_text(encoding="utf-8")
             pieces = [text[i : i + PIECE] for i in range(0, len(text), PIECE)]
-            run = lambda: encoding.encode_ordinary_batch(pieces, num_threads=os.cpu_count() or 1)  # noqa: E731
+            run = lambda: encoding.encode_ordinary_batch(  # noqa: E731
+                pieces, num_threads=os.cpu_count() or 1
+            )
         else:
             GPT2Tokenizer.encode_to_numpy = timed(GPT2Tokenizer.encode_to_numpy)
-            run = lambda: prepare_text(TextOptions(input=str(path), data_dir=out, tokenizer="gpt2"))  # noqa: E731
+            run = lambda: prepare_text(  # noqa: E731
+                TextOptions(input=str(path), data_dir=out, tokenizer="gpt2")
+            )
         cpu0, t0 = time.process_time(), time.perf_counter()
         run()
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu0, "in_flight": sum(busy) / seconds}
+        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
+                "in_flight": sum(busy) / seconds}
 
 
 def measure(mode: str, path: Path) -> dict:
@@ -99,7 +105,9 @@ def main() -> None:
     source = corpus_path()
     os.environ.setdefault("GPTFORGE_DATA_MIRROR", str(source.parent.parent))
     book = source.read_bytes()
-    print(f"# prepare text --tokenizer=gpt2 vs bare tiktoken, {os.cpu_count()} cores, median of {args.repeat}")
+    print(
+        f"# prepare text --tokenizer=gpt2 vs bare tiktoken, {os.cpu_count()} cores, median of {args.repeat}"
+    )
     print(
         "| input MB | bare tiktoken MB/s | pipeline MB/s | pipeline / bare "
         "| bare cores used | pipeline cores used | pipeline encodes in flight | pipeline peak RSS MB |"
@@ -115,7 +123,9 @@ def main() -> None:
                 bare.append(measure("bare", path))
                 pipeline.append(measure("pipeline", path))
             # Each pair ran back to back, so its ratio is the fairest comparison under shifting load.
-            ratio = statistics.median(b["seconds"] / p["seconds"] for b, p in zip(bare, pipeline, strict=True))
+            ratio = statistics.median(
+                b["seconds"] / p["seconds"] for b, p in zip(bare, pipeline, strict=True)
+            )
             bare_s = statistics.median(r["seconds"] for r in bare)
             pipe_s = statistics.median(r["seconds"] for r in pipeline)
             bare_cores = statistics.median(r["cpu_seconds"] / r["seconds"] for r in bare)

@@ -4,11 +4,11 @@
                                [--modes=invariant,fast]
 
 A GPT-2 124M-shaped model with random weights (12 layers, 12 heads, 768 wide, 50257 tokens, 1024 positions) is
-saved as a Hugging Face directory and served by the real command in a subprocess on 127.0.0.1, once per batching
-mode: `invariant` (the default, every step computes all 16 slots) and `fast` (--batch_invariant=False, only the
-busy ones). At each concurrency C, C streaming clients each send `rounds` requests one after another (seeded,
-temperature 1, `max_tokens` each); tokens/s counts every completion token over the level's wall time, and the
-time to first token runs from sending a request to its first text chunk.
+saved as a Hugging Face directory and served by the real command in a subprocess on 127.0.0.1, once per
+batching mode: `invariant` (the default, every step computes all 16 slots) and `fast`
+(--batch_invariant=False, only the busy ones). At each concurrency C, C streaming clients each send `rounds`
+requests one after another (seeded, temperature 1, `max_tokens` each); tokens/s counts every completion token
+over the level's wall time, and the time to first token runs from sending a request to its first text chunk.
 """
 
 import argparse
@@ -29,7 +29,9 @@ import torch
 
 from gptforge import GPT, GPTConfig
 
-PROMPT = "The meaning of life is a question that philosophers and scientists have argued about for centuries, and"
+PROMPT = (
+    "The meaning of life is a question that philosophers and scientists have argued about for centuries, and"
+)
 MODES = {"invariant": [], "fast": ["--batch_invariant=False"]}
 
 
@@ -69,7 +71,8 @@ async def level(url: str, concurrency: int, rounds: int, max_tokens: int) -> dic
 def start_server(model_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "gptforge", "serve", f"--init_from={model_dir}", "--port=0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     banner = process.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:\d+", banner)
@@ -107,7 +110,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)).to_hf(tmp)
-        print("| mode | concurrency | requests | tokens/s | vs concurrency 1 | TTFT p50 (ms) | TTFT p95 (ms) |")
+        print("| mode | concurrency | requests | tokens/s | vs concurrency 1 "
+              "| TTFT p50 (ms) | TTFT p95 (ms) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for mode in args.modes.split(","):
             process, url = start_server(Path(tmp), [*MODES[mode], f"--threads={threads}"])
@@ -118,7 +122,8 @@ def main() -> None:
                     r = asyncio.run(level(url, concurrency, args.rounds, args.max_tokens))
                     base = base or r["tokens_per_s"]
                     print(f"| {mode} | {concurrency} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-                          f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} |", flush=True)
+                          f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} |",
+                          flush=True)
             finally:
                 process.terminate()
                 process.wait()

@@ -5,14 +5,14 @@
         [--threads=N] [--data_dir=DIR] [--work_dir=DIR]
     .venv/bin/python benchmarks/speedrun.py --ablate [--budget_s=60] [--only=rope,muon] [--threads=N]
 
-Each run is `gptforge train CONFIG` in a subprocess with `--eval_iters=200` (so a lucky small eval cannot count)
-and an `eval_interval` of the config's `max_iters / --evals`, so both runs are evaluated about as often over
-their own length. Times are the run's `elapsed_s` from its metrics.jsonl: training steps only, evals and
+Each run is `gptforge train CONFIG` in a subprocess with `--eval_iters=200` (so a lucky small eval cannot
+count) and an `eval_interval` of the config's `max_iters / --evals`, so both runs are evaluated about as often
+over their own length. Times are the run's `elapsed_s` from its metrics.jsonl: training steps only, evals and
 checkpoints excluded. The script prints each run's val loss against elapsed seconds and tokens seen, the time
-each first reaches `--target` (at an eval; a run that never does shows "-"), the ratio of the two (a baseline that
-never reaches the target is timed at its end, marked "end": the speedrun must beat its whole run), and both val
-losses at equal wall time: the speedrun's end, with the baseline's curve interpolated linearly between evals.
-`--rounds=N` repeats the pair, alternating which goes first.
+each first reaches `--target` (at an eval; a run that never does shows "-"), the ratio of the two (a baseline
+that never reaches the target is timed at its end, marked "end": the speedrun must beat its whole run), and
+both val losses at equal wall time: the speedrun's end, with the baseline's curve interpolated linearly
+between evals. `--rounds=N` repeats the pair, alternating which goes first.
 
 `--ablate` trains the baseline and the baseline with each option of ABLATIONS alone switched on, for the same
 wall-clock budget each: a short probe run first measures the variant's ms/iter, then its `max_iters` and
@@ -60,18 +60,20 @@ ABLATIONS = {
 
 def prepare_data(data_dir: Path, dataset: str) -> None:
     if not (data_dir / dataset / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "gptforge", "prepare", dataset, f"--data_dir={data_dir}"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "gptforge", "prepare", dataset, f"--data_dir={data_dir}"],
+                       check=True, stdout=subprocess.DEVNULL)
 
 
 def train(config: Path, out_dir: Path, options: list[str], data_dir: Path, threads: int | None) -> list[dict]:
-    """`gptforge train CONFIG OPTIONS` into `out_dir`; its metrics records. Output goes to out_dir/train.log."""
+    """`gptforge train CONFIG OPTIONS` into `out_dir`; its metrics records.
+    Output goes to out_dir/train.log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log = out_dir / "train.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "gptforge", "train", str(config), f"--data_dir={data_dir}",
-                               f"--out_dir={out_dir}", "--always_save_checkpoint=False", *options],
+        proc = subprocess.run([sys.executable, "-m", "gptforge", "train", str(config),
+                               f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                               "--always_save_checkpoint=False", *options],
                               stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         sys.exit(f"gptforge train {config} {' '.join(options)} failed:\n{log.read_text()[-3000:]}")
@@ -108,15 +110,16 @@ def machine(threads: int | None) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     extras = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return (f"{cpu} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{threads or torch.get_num_threads()} thread(s) per run")
+    return (f"{cpu} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {threads or torch.get_num_threads()} thread(s) per run")
 
 
 def side_by_side(args: argparse.Namespace, data_dir: Path, work: Path) -> None:
     runs, tokens = {}, {}
     for name, config in (("baseline", Path(args.baseline)), ("speedrun", Path(args.speedrun))):
         interval = max(1, load_train_config([str(config)], {}).max_iters // args.evals)
-        runs[name] = (config, [f"--eval_iters={EVAL_ITERS}", f"--eval_interval={interval}", "--log_interval=50"])
+        runs[name] = (config, [f"--eval_iters={EVAL_ITERS}", f"--eval_interval={interval}",
+                               "--log_interval=50"])
         tokens[name] = tokens_per_iter(config, runs[name][1])
     results: dict[str, list[list[tuple[int, float, float]]]] = {name: [] for name in runs}
     for round_ in range(args.rounds):
@@ -153,14 +156,15 @@ def side_by_side(args: argparse.Namespace, data_dir: Path, work: Path) -> None:
         end = fast[-1][1]
         base_loss = loss_at(base, end)
         print(f"| {round_ + 1} | {base_time} "
-              f"| {f'{s[1]:.1f} (iter {s[0]})' if s else '-'} | {f'{ratio:.2f}' if ratio else '-'} | {end:.1f} "
-              f"| {f'{base_loss:.4f}' if base_loss is not None else '-'} | {fast[-1][2]:.4f} |")
+              f"| {f'{s[1]:.1f} (iter {s[0]})' if s else '-'} | {f'{ratio:.2f}' if ratio else '-'} "
+              f"| {end:.1f} | {f'{base_loss:.4f}' if base_loss is not None else '-'} | {fast[-1][2]:.4f} |")
     if len(ratios) > 1:
         print(f"\nmedian ratio over {len(ratios)} rounds: {statistics.median(ratios):.2f}")
 
 
 def ablate(args: argparse.Namespace, data_dir: Path, work: Path) -> None:
-    names = list(ABLATIONS) if not args.only else ["baseline", *[n for n in args.only.split(",") if n != "baseline"]]
+    names = (list(ABLATIONS) if not args.only
+             else ["baseline", *[n for n in args.only.split(",") if n != "baseline"]])
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         sys.exit(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
@@ -179,12 +183,13 @@ def ablate(args: argparse.Namespace, data_dir: Path, work: Path) -> None:
         points = curve(train(config, work / f"ablate-{slug}", options, data_dir, args.threads))
         rows.append((name, " ".join(ABLATIONS[name]) or "-", ms, iters, points[-1][1], points[-1][2]))
     base = rows[0][5]
-    print(f"\n{machine(args.threads)}; {config.name} + each option alone, {args.budget_s:g} s of training each, "
-          f"eval_iters={EVAL_ITERS}\n")
+    print(f"\n{machine(args.threads)}; {config.name} + each option alone, {args.budget_s:g} s of training "
+          f"each, eval_iters={EVAL_ITERS}\n")
     print("| variant | options | ms/iter | iters | elapsed s | val loss | vs baseline |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, options, ms, iters, elapsed, loss in rows:
-        print(f"| {name} | `{options}` | {ms:.1f} | {iters} | {elapsed:.1f} | {loss:.4f} | {loss - base:+.4f} |")
+        print(f"| {name} | `{options}` | {ms:.1f} | {iters} | {elapsed:.1f} | {loss:.4f} "
+              f"| {loss - base:+.4f} |")
 
 
 def main() -> None:
@@ -192,14 +197,20 @@ def main() -> None:
     parser.add_argument("--baseline", default=str(BASELINE))
     parser.add_argument("--speedrun", default=str(SPEEDRUN))
     parser.add_argument("--target", type=float, default=1.886, help="val loss to reach")
-    parser.add_argument("--evals", type=int, default=20, help="evals per run (eval_interval = max_iters / evals)")
+    parser.add_argument("--evals", type=int, default=20,
+                        help="evals per run (eval_interval = max_iters / evals)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the pair, alternating the order")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: torch's)")
-    parser.add_argument("--ablate", action="store_true", help="each option alone at a fixed wall-clock budget")
-    parser.add_argument("--budget_s", type=float, default=60.0, help="--ablate: seconds of training per variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of every run (default: torch's)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="each option alone at a fixed wall-clock budget")
+    parser.add_argument("--budget_s", type=float, default=60.0,
+                        help="--ablate: seconds of training per variant")
     parser.add_argument("--probe_iters", type=int, default=30, help="--ablate: iterations timed per variant")
-    parser.add_argument("--only", default="", help="--ablate: comma-separated variants (the baseline always runs)")
-    parser.add_argument("--data_dir", default=None, help="where shakespeare_char is or goes (default: a temp dir)")
+    parser.add_argument("--only", default="",
+                        help="--ablate: comma-separated variants (the baseline always runs)")
+    parser.add_argument("--data_dir", default=None,
+                        help="where shakespeare_char is or goes (default: a temp dir)")
     parser.add_argument("--work_dir", default=None, help="run directories (default: a temp dir, removed)")
     args = parser.parse_args()
 

@@ -24,8 +24,8 @@ hits both sides of a comparison. "p10" is the 10th percentile of the same iterat
 costs when nothing else runs. "run s" is a whole run's wall time (start-up, compilation and evals included).
 Each round line also gives the cores that other processes kept busy during each run (from /proc/stat): on a
 shared machine, PyTorch's two OpenMP threads wait for each other whenever one is descheduled, so a step can
-take 10x longer while others run. `--max_others=0.2` waits for a quiet machine before each run and redoes a run
-that others disturbed (`--retries` times at most).
+take 10x longer while others run. `--max_others=0.2` waits for a quiet machine before each run and redoes a
+run that others disturbed (`--retries` times at most).
 
 `--variant` adds a gptforge variant of your own (its options after the `=`), `--threads` sets OMP_NUM_THREADS
 for both programs (default: PyTorch's, one thread per core).
@@ -115,7 +115,8 @@ def run_nanogpt(nanogpt: Path, iters: int, eval_iters: int, out_dir: Path) -> di
 
 
 def run_gptforge(options: list[str], data_dir: Path, iters: int, eval_iters: int, out_dir: Path) -> dict:
-    """`gptforge train configs/quickstart_cpu.toml` for `iters` iterations: per-iteration ms, evals, wall s."""
+    """`gptforge train configs/quickstart_cpu.toml` for `iters` iterations:
+    per-iteration ms, evals, wall s."""
     command = [sys.executable, "-m", "gptforge", "train", str(CONFIG), f"--data_dir={data_dir}",
                f"--out_dir={out_dir}", f"--max_iters={iters}", f"--eval_iters={eval_iters}", *options]
     t0 = time.perf_counter()
@@ -166,8 +167,10 @@ def wait_for_quiet(max_others: float, timeout: float = 600.0) -> None:
 
 
 def print_table(runs: dict[str, list[dict]], warmup: int) -> None:
-    """Median ms/iter and tokens/s of each program, and its speed relative to nanoGPT's run of the same round."""
-    print("| variant | ms/iter (median) | tokens/s | ms/iter (p10) | run s (median) | vs nanoGPT (median of rounds) |")
+    """Median ms/iter and tokens/s of each program,
+    and its speed relative to nanoGPT's run of the same round."""
+    print("| variant | ms/iter (median) | tokens/s | ms/iter (p10) | run s (median) "
+          "| vs nanoGPT (median of rounds) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, ones in runs.items():
         all_ms = sorted(ms for one in ones for ms in steady(one, warmup))
@@ -182,25 +185,28 @@ def print_table(runs: dict[str, list[dict]], warmup: int) -> None:
             ratio = f"{ratio:.2f}x"
         label = "nanoGPT train.py" if name == "nanogpt" else f"gptforge {name} ({' '.join(VARIANTS[name])})"
         tokens_per_sec = TOKENS_PER_ITER / ms * 1000
-        print(f"| {label} | {ms:.1f} | {tokens_per_sec:,.0f} | {p10:.1f} | {wall:.0f} | {ratio} |", flush=True)
+        print(f"| {label} | {ms:.1f} | {tokens_per_sec:,.0f} | {p10:.1f} | {wall:.0f} | {ratio} |",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (train.py, model.py, configurator.py)")
+    parser.add_argument("--nanogpt", type=Path,
+                        help="a nanoGPT checkout (train.py, model.py, configurator.py)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                         help="an extra gptforge variant, e.g. 'erf=--compile=True --gelu_approximate=none'")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both programs")
     parser.add_argument("--max_others", type=float,
-                        help="start each run when other processes keep at most this many cores busy, and redo it "
-                             "if they kept more busy during it")
+                        help="start each run when other processes keep at most this many cores busy, "
+                             "and redo it if they kept more busy during it")
     parser.add_argument("--retries", type=int, default=3, help="with --max_others: redos of a run at most")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=300, help="iterations per run")
     parser.add_argument("--warmup", type=int, default=20, help="first iterations of a run left out")
     parser.add_argument("--quality", default="", help="variants (or nanogpt) to train for 2000 iterations")
-    parser.add_argument("--quality_eval_iters", type=int, default=200, help="eval batches of the quality runs")
+    parser.add_argument("--quality_eval_iters", type=int, default=200,
+                        help="eval batches of the quality runs")
     parser.add_argument("--data_dir", type=Path, help="where shakespeare_char is (or gets) prepared")
     args = parser.parse_args()
     for spec in args.variant:
@@ -236,8 +242,9 @@ def main() -> None:
             return one
 
         threads = args.threads or torch.get_num_threads()
-        print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s); "
-              f"{args.rounds} rounds x {args.iters} iters, the first {args.warmup} of each run left out",
+        print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{threads} thread(s); {args.rounds} rounds x {args.iters} iters, "
+              f"the first {args.warmup} of each run left out",
               flush=True)
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for r in range(args.rounds):

@@ -1,5 +1,6 @@
 """Where the data tests find the offline mirror of public files ($GPTFORGE_DATA_MIRROR, else ../shared/data),
-and tiktoken's own GPT-2 encoding fed from it: the independent reference the tests compare gptforge against."""
+and tiktoken's own GPT-2 encoding fed from it: the independent reference the tests compare gptforge
+against."""
 
 import functools
 import os
@@ -27,7 +28,8 @@ _TIKTOKEN_CACHE_NAMES = {
 
 @functools.cache
 def reference_gpt2() -> tiktoken.Encoding:
-    """`tiktoken.get_encoding("gpt2")` exactly as nanoGPT calls it, served from the mirror instead of the network."""
+    """`tiktoken.get_encoding("gpt2")` exactly as nanoGPT calls it,
+    served from the mirror instead of the network."""
     with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as patch:
         for name, path in _TIKTOKEN_CACHE_NAMES.items():
             (Path(cache) / name).symlink_to(MIRROR / path)

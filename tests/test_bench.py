@@ -1,5 +1,5 @@
-"""Tests for gptforge.bench: it times the trainer's step on random or real data, reports consistent numbers and
-writes a profiler trace on request. Timings themselves are not asserted (this machine is noisy).
+"""Tests for gptforge.bench: it times the trainer's step on random or real data, reports consistent numbers
+and writes a profiler trace on request. Timings themselves are not asserted (this machine is noisy).
 
     .venv/bin/python -m pytest tests/test_bench.py
 """

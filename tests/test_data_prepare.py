@@ -347,7 +347,8 @@ def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
     class Endless:
         def pieces(self, desc: str = "tokenize"):
             for i in range(2000):
-                # one token per character, written as uint16 to the hidden temporaries of train.bin and val.bin
+                # one token per character, written as uint16 to the hidden temporaries of train.bin and
+                # val.bin
                 written = sum(p.stat().st_size for p in out.glob(".*.bin.tmp-*")) // 2
                 lag.append(i * len(piece) - written)
                 yield Chunk("val" if i % 10 == 9 else "train", piece, False)
@@ -381,25 +382,33 @@ def bad_inputs(tmp_path) -> Path:
 
 
 BAD = [
-    (["shakespear"], "unknown dataset 'shakespear'; known datasets: shakespeare_char, shakespeare, text, openwebtext"),
+    (["shakespear"],
+     "unknown dataset 'shakespear'; known datasets: shakespeare_char, shakespeare, text, openwebtext"),
     ([], "name one dataset: gptforge prepare NAME"),
     (["text"], "prepare text needs --input=PATH[,PATH...]"),
     (["text", "--input={tmp}/nope.txt"], "--input: {tmp}/nope.txt does not exist"),
     (["text", "--input={tmp}/empty.txt"], "{tmp}/empty.txt is empty"),
-    (["text", "--input={tmp}/tiny.txt"], "{tmp}/tiny.txt has 1 characters, too few to split with --val_fraction"),
-    (["text", "--input={tmp}/bad.txt"], "{tmp}/bad.txt: invalid UTF-8 at byte 6; fix the file or pass --errors=replace"),
-    (["text", "--input={tmp}/no_field.jsonl"], "{tmp}/no_field.jsonl:2: no string field 'text'; name it with --text_field"),
+    (["text", "--input={tmp}/tiny.txt"],
+     "{tmp}/tiny.txt has 1 characters, too few to split with --val_fraction"),
+    (["text", "--input={tmp}/bad.txt"],
+     "{tmp}/bad.txt: invalid UTF-8 at byte 6; fix the file or pass --errors=replace"),
+    (["text", "--input={tmp}/no_field.jsonl"],
+     "{tmp}/no_field.jsonl:2: no string field 'text'; name it with --text_field"),
     (["text", "--input={tmp}/broken.jsonl"], "{tmp}/broken.jsonl:2: not valid JSON"),
     (["text", "--input={tmp}/one.jsonl"], "holds 1 document(s); splitting by document needs at least 2"),
-    (["text", "--input={tmp}/bad.jsonl"], "{tmp}/bad.jsonl: invalid UTF-8 at byte 25 (line 2); fix the file or pass --errors=replace"),
+    (["text", "--input={tmp}/bad.jsonl"],
+     "{tmp}/bad.jsonl: invalid UTF-8 at byte 25 (line 2); fix the file or pass --errors=replace"),
     (["text", "--input={tmp}/nothing"], "--input: {tmp}/nothing matches no .txt or .jsonl files"),
-    (["text", "--input={tmp}/surrogate.jsonl"], "{tmp}/surrogate.jsonl:2: 'text' holds a lone surrogate '\\udc00', not valid Unicode"),
-    (["text", "--input={tmp}/ok.txt", "--val_fractoin=0.2"], "unknown option --val_fractoin (did you mean --val_fraction?)"),
+    (["text", "--input={tmp}/surrogate.jsonl"],
+     "{tmp}/surrogate.jsonl:2: 'text' holds a lone surrogate '\\udc00', not valid Unicode"),
+    (["text", "--input={tmp}/ok.txt", "--val_fractoin=0.2"],
+     "unknown option --val_fractoin (did you mean --val_fraction?)"),
     (["text", "--input={tmp}/ok.txt", "--val_fraction=1.5"], "--val_fraction=1.5 must be between 0 and 1"),
     (["text", "--input={tmp}/ok.txt", "--vocab_size=500"], "--vocab_size applies to --tokenizer=bpe only"),
     (["text", "--input={tmp}/ok.txt", "--tokenizer=bpe", "--vocab_size=70000", "--dtype=uint16"],
      "vocab_size 70000 does not fit uint16; use --dtype=uint32"),
-    (["text", "--input={tmp}/ok.txt", "--tokenizer=wordpiece"], "--tokenizer='wordpiece' is not one of 'char', 'gpt2', 'bpe'"),
+    (["text", "--input={tmp}/ok.txt", "--tokenizer=wordpiece"],
+     "--tokenizer='wordpiece' is not one of 'char', 'gpt2', 'bpe'"),
     (["text", "--input={tmp}/ok.txt", "--name=../up"], "--name='../up' must be a plain directory name"),
     (["openwebtext", "--source={tmp}/ok.txt", "--text_field=body"], "has no 'body' column"),
 ]  # fmt: skip
@@ -450,7 +459,8 @@ sys.exit(main(sys.argv[1:]))
     [
         (
             ["shakespeare_char"],
-            "cannot download https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "cannot download "
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         ),
         (
             ["text", "--input={tmp}/a.txt"],

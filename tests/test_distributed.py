@@ -62,5 +62,6 @@ def test_indivisible_accumulation_is_a_clear_error(data_dir, tmp_path):  # noqa:
     result = torchrun(*cli_args(cfg))
     assert result.returncode != 0
     assert "--gradient_accumulation_steps=3 is not divisible by the 2 processes" in result.stderr
-    assert "gptforge/train.py" not in result.stderr  # each rank's one-line error, not its traceback (torchrun's own
-    # launcher still reports the failed children)
+    # each rank's one-line error, not its traceback (torchrun's own launcher still reports the failed
+    # children)
+    assert "gptforge/train.py" not in result.stderr

@@ -1,4 +1,5 @@
-"""End to end: `gptforge prepare` on the command line, then training batches read back and decoded to the text.
+"""End to end: `gptforge prepare` on the command line,
+then training batches read back and decoded to the text.
 
 .venv/bin/python -m pytest tests/test_e2e_data.py
 """

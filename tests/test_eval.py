@@ -35,7 +35,8 @@ N = 40  # examples of each file compared with the reference
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny random GPT-2 with GPT-2's vocabulary, its weights large enough for confident, distinct predictions."""
+    """A tiny random GPT-2 with GPT-2's vocabulary,
+    its weights large enough for confident, distinct predictions."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2,
                                      initializer_range=0.2)
@@ -97,7 +98,8 @@ def test_hellaswag_picks_the_reference_labels(hf_dir, hf_model, encoding, tmp_pa
     reference, reference_norm, sums = [], [], []
     for task in tasks:
         context = encoding.encode(task.context)
-        scores = [(reference_scores(hf_model, context, encoding.encode(" " + e))[0], len(encoding.encode(" " + e)))
+        scores = [(reference_scores(hf_model, context, encoding.encode(" " + e))[0],
+                   len(encoding.encode(" " + e)))
                   for e in task.endings]
         sums.append([s for s, _ in scores])
         reference.append(int(np.argmax([s for s, _ in scores])))
@@ -114,7 +116,9 @@ def test_hellaswag_picks_the_reference_labels(hf_dir, hf_model, encoding, tmp_pa
     scorer_groups = []
     for task in tasks:
         context = encoding.encode(task.context)
-        scorer_groups.append([Request(context + encoding.encode(" " + e), len(context)) for e in task.endings])
+        scorer_groups.append(
+            [Request(context + encoding.encode(" " + e), len(context)) for e in task.endings]
+        )
     model = GPT.from_pretrained(hf_dir)
     for batch_size in (1, 5, 64):
         scored = Scorer(model, batch_size=batch_size, progress=False).score(scorer_groups)
@@ -199,7 +203,8 @@ def test_bf16_scores_are_close_to_fp32(tiny_model):
 
 def hellaswag_rows():
     return [
-        {"ctx": "A man is sitting on a roof. he", "endings": ["is up.", "falls.", "sits.", "waves."], "label": 3},
+        {"ctx": "A man is sitting on a roof. he", "endings": ["is up.", "falls.", "sits.", "waves."],
+         "label": 3},
         {"ctx": "Two dogs run. they", "endings": ["stop.", "bark at a cat.", "play.", "sleep."], "label": 0},
     ]
 
@@ -207,7 +212,8 @@ def hellaswag_rows():
 def test_both_hellaswag_formats_read_the_same_tasks(tmp_path):
     jsonl = tmp_path / "hellaswag_val.jsonl"
     jsonl.write_text("".join(json.dumps({"ind": i, **row}) + "\n" for i, row in enumerate(hellaswag_rows())))
-    text = "".join(f"{r['ctx']}\n{r['label']}\n" + "".join(e + "\n" for e in r["endings"]) for r in hellaswag_rows())
+    text = "".join(f"{r['ctx']}\n{r['label']}\n" + "".join(e + "\n" for e in r["endings"])
+                   for r in hellaswag_rows())
     compact = tmp_path / "hellaswag_val_full.txt.bz2"
     compact.write_bytes(bz2.compress(text.encode()))
     expected = [eval_sets.Choice(r["ctx"], tuple(r["endings"]), r["label"]) for r in hellaswag_rows()]

@@ -36,7 +36,9 @@ def test_cache_matches_recompute_greedy_batch_of_three(model):
     assert not torch.equal(cached[0, 10:], cached[1, 10:])
 
 
-@pytest.mark.parametrize("filters", [dict(top_k=5), dict(top_p=0.9), dict(top_k=20, top_p=0.7), dict(temperature=0.8)])
+@pytest.mark.parametrize(
+    "filters", [dict(top_k=5), dict(top_p=0.9), dict(top_k=20, top_p=0.7), dict(temperature=0.8)]
+)
 def test_cache_matches_recompute_seeded_sampling(model, filters):
     prompts = torch.randint(0, 97, (3, 10))
     cached = model.generate(prompts, 100, generator=seeded(), **filters)
@@ -120,7 +122,10 @@ def test_stream_yields_the_same_tokens_as_generate(model):
     prompts = torch.randint(0, 97, (2, 5))
     steps = list(model.generate_stream(prompts, 12, generator=seeded(), top_p=0.95))
     assert len(steps) == 12 and steps[0].shape == (2,)
-    assert torch.equal(torch.cat([prompts, torch.stack(steps, 1)], 1), model.generate(prompts, 12, generator=seeded(), top_p=0.95))
+    assert torch.equal(
+        torch.cat([prompts, torch.stack(steps, 1)], 1),
+        model.generate(prompts, 12, generator=seeded(), top_p=0.95),
+    )
 
 
 def test_generate_needs_no_grad_context(model):

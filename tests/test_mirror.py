@@ -1,4 +1,5 @@
-"""Tests for gptforge.mirror: the mirror first, then a sha256-checked atomic download (from a local HTTP server).
+"""Tests for gptforge.mirror: the mirror first,
+then a sha256-checked atomic download (from a local HTTP server).
 
 .venv/bin/python -m pytest tests/test_mirror.py
 """

@@ -51,7 +51,9 @@ def test_forward_shapes_and_loss(tiny_model):
     logits, loss = tiny_model(idx, targets)
     assert logits.shape == (3, 20, 97)
     assert loss.shape == ()
-    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 97), targets.view(-1)).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(logits.view(-1, 97), targets.view(-1)).item(), rel=1e-6
+    )
     # a random init predicts close to uniform: loss near ln(vocab)
     assert abs(loss.item() - math.log(97)) < 0.1
 
@@ -81,7 +83,8 @@ def test_gpt2_init_statistics():
     proj = torch.cat([b.attn.c_proj.weight.flatten() for b in model.transformer.h]
                      + [b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.02)
-    for w in (model.transformer.wte.weight, model.transformer.wpe.weight, model.transformer.h[0].mlp.c_fc.weight):
+    for w in (model.transformer.wte.weight, model.transformer.wpe.weight,
+              model.transformer.h[0].mlp.c_fc.weight):
         assert w.std().item() == pytest.approx(0.02, rel=0.02)
     assert all(torch.count_nonzero(b.attn.c_attn.bias) == 0 for b in model.transformer.h)
     assert torch.equal(model.transformer.ln_f.weight, torch.ones(256))
@@ -126,7 +129,9 @@ def test_exact_gelu_option():
 
 
 def test_configure_optimizers_decays_only_matrices(tiny_model):
-    opt = tiny_model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = tiny_model.configure_optimizers(
+        weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu"
+    )
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -138,7 +143,9 @@ def test_configure_optimizers_decays_only_matrices(tiny_model):
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = model.configure_optimizers(
+        weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type="cpu"
+    )
     idx = torch.randint(0, 97, (4, 32))
     targets = torch.roll(idx, -1, dims=1)
     losses = []
@@ -155,7 +162,9 @@ def test_loss_decreases_on_a_fixed_batch():
 def test_estimate_mfu_with_a_given_peak(tiny_model):
     cfg = tiny_model.config
     n = tiny_model.get_num_params()
-    flops_per_iter = (6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size) * cfg.block_size * 8
+    flops_per_iter = (
+        6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+    ) * cfg.block_size * 8
     mfu = tiny_model.estimate_mfu(fwdbwd_per_iter=8, dt=0.5, peak_flops=1e12)
     assert mfu == pytest.approx(flops_per_iter / 0.5 / 1e12)
 
@@ -182,4 +191,6 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
     # methods reach the plain module, so generation on a compiled model runs eagerly and equals it
     compiled.eval()
-    assert torch.equal(compiled.generate(idx[:, :4], 8, temperature=0), model.generate(idx[:, :4], 8, temperature=0))
+    assert torch.equal(
+        compiled.generate(idx[:, :4], 8, temperature=0), model.generate(idx[:, :4], 8, temperature=0)
+    )

@@ -66,8 +66,8 @@ def test_bad_option_values_are_clear_errors(overrides, message):
 
 def test_defaults_are_gpt2_and_old_configs_get_them():
     cfg = GPTConfig()
-    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.tie_embeddings, cfg.logit_softcap, cfg.zero_init_proj) == (
-        "learned", "layernorm", "gelu", False, True, None, False)
+    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.tie_embeddings, cfg.logit_softcap,
+            cfg.zero_init_proj) == ("learned", "layernorm", "gelu", False, True, None, False)
     old = {k: v for k, v in asdict(tiny_config(**MODERN)).items() if k not in NEW_FIELDS}
     assert GPTConfig.from_dict({**old, "some_future_field": 1}) == tiny_config()
 
@@ -91,7 +91,9 @@ def test_rotary_scores_depend_only_on_the_distance():
     assert score(10, 3) == pytest.approx(score(150, 143), abs=1e-5)
     assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
     # a rotation keeps the norm; position 0 is no rotation at all
-    assert float(apply_rotary(q.view(1, 16), rotary(99, 1)).norm()) == pytest.approx(float(q.norm()), rel=1e-6)
+    assert float(apply_rotary(q.view(1, 16), rotary(99, 1)).norm()) == pytest.approx(
+        float(q.norm()), rel=1e-6
+    )
     assert torch.equal(apply_rotary(q.view(1, 16), rotary(0, 1)), q.view(1, 16))
 
 
@@ -103,7 +105,8 @@ def test_rope_model_is_shift_equivariant():
         at_zero, _ = model(idx, idx)
         model.rotary.forward = lambda start, length: Rotary.forward(model.rotary, start + 40, length)
         at_forty, _ = model(idx, idx)
-        model.rotary.forward = lambda start, length: Rotary.forward(model.rotary, 0, 1)  # position 0 everywhere
+        # position 0 everywhere
+        model.rotary.forward = lambda start, length: Rotary.forward(model.rotary, 0, 1)
         unrotated, _ = model(idx, idx)
     torch.testing.assert_close(at_forty, at_zero, rtol=0, atol=1e-5)
     assert (unrotated - at_zero).abs().max() > 1e-3  # positions do reach the logits
@@ -126,7 +129,9 @@ def test_rmsnorm_has_a_scale_and_no_bias():
     assert all(isinstance(m, nn.RMSNorm) for m in norms)
     assert not [n for n, _ in model.named_parameters() if ".ln_" in n and n.endswith("bias")]
     x = 3 + 5 * torch.randn(4, 32)
-    torch.testing.assert_close(model.transformer.ln_f(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt())
+    torch.testing.assert_close(
+        model.transformer.ln_f(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    )
 
 
 def test_relu2_mlp():
@@ -221,7 +226,9 @@ def test_zero_init_proj_makes_the_residual_stream_the_embedding(pos_emb):
 def test_modern_model_trains_every_parameter():
     torch.manual_seed(0)
     model = GPT(tiny_config(**MODERN))
-    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = model.configure_optimizers(
+        weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type="cpu"
+    )
     idx = torch.randint(0, 97, (4, 32))
     targets = torch.roll(idx, -1, dims=1)
     losses = []
@@ -254,7 +261,9 @@ def test_estimate_mfu_counts_the_modern_model(tmp_path):
     n = model.get_num_params()
     assert n == sum(p.numel() for p in model.parameters()) - 97 * 32  # no wpe; the untied wte is a lookup
     flops_per_iter = (6 * n + 12 * 2 * 4 * 8 * 64) * 64 * 8
-    assert model.estimate_mfu(fwdbwd_per_iter=8, dt=0.5, peak_flops=1e12) == pytest.approx(flops_per_iter / 0.5 / 1e12)
+    assert model.estimate_mfu(fwdbwd_per_iter=8, dt=0.5, peak_flops=1e12) == pytest.approx(
+        flops_per_iter / 0.5 / 1e12
+    )
 
 
 @pytest.mark.parametrize("name", ["modern", "llama"])
@@ -267,7 +276,9 @@ def test_checkpoint_round_trip(name, tmp_path):
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(idx, idx)[0], model(idx, idx)[0])
-    assert torch.equal(loaded.generate(idx[:, :3], 10, temperature=0), model.generate(idx[:, :3], 10, temperature=0))
+    assert torch.equal(
+        loaded.generate(idx[:, :3], 10, temperature=0), model.generate(idx[:, :3], 10, temperature=0)
+    )
 
 
 def test_checkpoint_without_the_option_fields_loads_as_gpt2(tmp_path):

@@ -182,7 +182,9 @@ def test_every_parameter_lands_in_exactly_one_group(tie, bias):
     )
     assert by_group["scalars"] == sorted(n for n, p in model.named_parameters() if p.ndim == 1)
     if tie:  # the shared matrix is the head
-        assert by_group["head"] == ["transformer.wte.weight"] and by_group["embed"] == ["transformer.wpe.weight"]
+        assert (
+            by_group["head"] == ["transformer.wte.weight"] and by_group["embed"] == ["transformer.wpe.weight"]
+        )
     else:
         assert by_group["head"] == ["lm_head.weight"]
         assert by_group["embed"] == ["transformer.wpe.weight", "transformer.wte.weight"]
@@ -290,8 +292,8 @@ def test_resumed_optimizer_continues_bit_identically(kind, api):
         resumed.load_state_dict(saved["model"])
         resumed_opt.load_state_dict(saved["optimizer"])
     else:
-        set_state_dict(resumed, resumed_opt, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
-                       options=FULL)
+        set_state_dict(resumed, resumed_opt, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"], options=FULL)
     assert len(resumed_opt.state) == len(whole_opt.state) > 0
     for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
         for key, value in whole_opt.state[p].items():

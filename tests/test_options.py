@@ -1,5 +1,5 @@
-"""Tests for gptforge.options: `--key=value` parsing and coercion to dataclass field types, the one-line errors
-for what a user gets wrong, and `--help`: every option of every command has its description.
+"""Tests for gptforge.options: `--key=value` parsing and coercion to dataclass field types, the one-line
+errors for what a user gets wrong, and `--help`: every option of every command has its description.
 
     .venv/bin/python -m pytest tests/test_options.py
 """
@@ -46,7 +46,9 @@ def test_values_are_coerced_to_field_types():
     assert apply_overrides(Options(), {"device": "'mps'", "top_k": "5"}) == Options(device="mps", top_k=5)
     assert apply_overrides(Options(), {"max_iters": 7}).max_iters == 7  # already-parsed values pass through
     # None only for optional fields.
-    assert apply_overrides(Options(), {"top_k": "None", "init_from": "None"}) == Options(top_k=None, init_from=None)
+    assert apply_overrides(Options(), {"top_k": "None", "init_from": "None"}) == Options(
+        top_k=None, init_from=None
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Tests for gptforge.plot: the curves drawn are the run's metrics, the PNG is written, and problems are clear.
+"""Tests for gptforge.plot: the curves drawn are the run's metrics, the PNG is written,
+and problems are clear.
 
     .venv/bin/python -m pytest tests/test_plot.py
 """

@@ -76,12 +76,15 @@ def test_prompt_from_a_file(run, tmp_path):
 
 def test_latest_and_best_checkpoints_are_both_readable(run):
     best, latest = load_run(run, "best"), load_run(run, "latest")
-    assert best.checkpoint["best_val_loss"] == min(best.checkpoint["best_val_loss"], latest.checkpoint["best_val_loss"])
+    assert best.checkpoint["best_val_loss"] == min(
+        best.checkpoint["best_val_loss"], latest.checkpoint["best_val_loss"]
+    )
     assert latest.checkpoint["iter_num"] == 20
 
 
 def byte_level_bpe() -> BPETokenizer:
-    """257 tokens: the 256 bytes and end-of-text, no merges, so every non-ASCII character spans several tokens."""
+    """257 tokens: the 256 bytes and end-of-text, no merges,
+    so every non-ASCII character spans several tokens."""
     return BPETokenizer.train([MULTIBYTE], vocab_size=257)
 
 

@@ -1,13 +1,15 @@
 """Tests for `gptforge serve`'s API (gptforge.serve.app), against a real uvicorn server on 127.0.0.1 serving
 a tiny random Hugging Face GPT-2 with the GPT-2 tokenizer: completions whole and streamed, n, prompt lists,
 stop strings, seeds, every error status, the API key, disconnects, 16 streaming clients at once and the
-playground page.
+playground page; and what real clients and hostile ones send: text that is not text, coerced types, any
+Content-Type, underflowing temperatures, HEAD, clients that stall half-way through a request.
 
     .venv/bin/python -m pytest tests/test_serve.py
 """
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +56,7 @@ def server(model_dir: Path, **options: Any) -> Iterator[tuple[str, Any]]:
     source = load_source(opts.init_from)
     engine = Engine(source.model.eval(), source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
     app = create_app(engine, "tiny-gpt2", opts)
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app, request_timeout=opts.request_timeout) as url:
         yield url, app
 
 
@@ -278,8 +280,10 @@ def test_a_full_queue_answers_429(model_dir):
         next(lines)  # decoding: the one slot is taken
         waiting = pool.submit(client.post, "/v1/completions", json={"prompt": "b", "max_tokens": 2})
         health_within(client, lambda health: health["waiting"] == 1, 5)
-        error = error_of(client.post("/v1/completions", json={"prompt": "c"}), 429)
+        busy = client.post("/v1/completions", json={"prompt": "c"})
+        error = error_of(busy, 429)
         assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+        assert busy.headers["retry-after"] == "1"
         r.close()  # frees the slot: the waiting request runs
         assert waiting.result().status_code == 200
 
@@ -289,7 +293,7 @@ def test_a_draining_server_answers_503(client, served):
     app.state.draining = True
     try:
         assert error_of(client.post("/v1/completions", json={"prompt": "hi"}), 503)["code"] == "shutting_down"
-        assert client.get("/health").status_code == 503
+        assert client.get("/health").status_code == 503 and client.head("/health").status_code == 503
     finally:
         app.state.draining = False
 
@@ -323,3 +327,206 @@ def test_the_playground_page_is_self_contained(client):
     page = response.text
     assert 'id="generate"' in page and "/v1/completions" in page and "getReader" in page
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+
+
+def connection_of(response: httpx.Response) -> tuple[str, int]:
+    """The client's end of the connection that carried `response`: equal for two responses, one connection."""
+    return response.extensions["network_stream"].get_extra_info("client_addr")
+
+
+def assert_openai_error(response: httpx.Response) -> dict[str, Any]:
+    """A 4xx in OpenAI's shape, on a connection the server keeps open."""
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/json" and "close" not in response.headers.get(
+        "connection", "")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": "\\ud800"}',
+    b'{"prompt": "a\\udfffb"}',  # a lone trailing surrogate
+    b'{"prompt": "\\ud83d\\u0041"}',  # a leading one followed by something else
+    b'{"prompt": ["fine", "\\udbff"]}',
+    b'{"prompt": "hi", "stop": "\\ud800"}',
+    b'{"prompt": "hi", "model": "\\ud800"}',  # a field echoed back in the error message
+    b'{"prompt": "hi", "user": "\\ud800"}',
+    b'{"prompt": "hi", "\\ud800": 1}',  # an unknown field named in the error message
+    b'{"prompt": "hi", "logit_bias": {"\\ud800": 1}}',
+    b'{"prompt": "\xed\xa0\x80"}',  # a surrogate in UTF-8's form: not UTF-8
+    b'{"prompt": "\xff\xfe"}',
+    '{"prompt": "hi"}'.encode("utf-16"),
+    b'{"prompt": "a\x00b"}',  # a raw control character in a string
+])
+def test_text_that_is_no_text_is_a_400_and_the_connection_lives(client, body):
+    """Any bytes a client sends get an OpenAI-shaped answer and leave its keep-alive connection working."""
+    bad = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = assert_openai_error(bad)
+    assert bad.status_code == 400 and "could not parse the JSON body" in error["message"]
+    good = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert good.status_code == 200 and connection_of(good) == connection_of(bad)
+
+
+@pytest.mark.parametrize("prompt", [
+    "\U0001f600 an emoji", "\uffff\ufffe noncharacters", "\u202e right-to-left", "\x00 NUL",
+    "\u0301 a lone mark", "\U0010ffff",
+])
+@pytest.mark.parametrize("ascii_only", [True, False])  # True: the emoji as "\\ud83d\\ude00", a surrogate pair
+def test_any_unicode_text_is_a_200(client, prompt, ascii_only):
+    body = json.dumps({"prompt": prompt, "max_tokens": 2, "stop": prompt}, ensure_ascii=ascii_only)
+    first = client.post("/v1/completions", content=body.encode())
+    second = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "user": prompt})
+    assert first.status_code == second.status_code == 200, first.text
+    assert connection_of(first) == connection_of(second)
+
+
+def texts(client: httpx.Client, **body: Any) -> list[str]:
+    return [c["text"] for c in complete(client, max_tokens=24, **body)["choices"]]
+
+
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 1e-40},  # a float32 subnormal: the logits divided by it overflow
+    {"temperature": 1e-300},  # 0 in float32
+    {"temperature": 5e-324},  # the smallest float64
+    {"temperature": 1e-40, "top_p": 0.5, "top_k": 5},
+    {"top_p": 1e-300},  # below float32: no token's mass reaches it
+    {"top_p": 1e-45},
+    {"top_p": 1e-300, "top_k": 1},
+])
+def test_underflowing_temperature_or_top_p_is_greedy(client, sampling):
+    greedy = texts(client, temperature=0)[0]
+    assert texts(client, seed=3, n=2, **sampling) == [greedy, greedy]
+    assert streamed_texts(stream(client, seed=4, max_tokens=24, **sampling)) == {0: greedy}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("stream", "yes", "valid boolean"),
+    ("stream", 1, "valid boolean"),
+    ("echo", 0, "valid boolean"),
+    ("max_tokens", True, "valid integer"),
+    ("max_tokens", 2.0, "valid integer"),
+    ("max_tokens", "2", "valid integer"),
+    ("n", 1.5, "valid integer"),
+    ("seed", "1", "valid integer"),
+    ("top_k", False, "valid integer"),
+    ("logprobs", True, "valid integer"),
+    ("temperature", "0.5", "valid number"),
+    ("temperature", True, "valid number"),
+    ("top_p", [1], "valid number"),
+    ("presence_penalty", "0", "valid number"),
+    ("prompt", ["a", 1], "valid string"),
+    ("prompt", {"text": "a"}, "valid string"),
+    ("stop", 5, "valid string"),
+    ("stop", ["a", None], "valid string"),
+    ("model", 1, "valid string"),
+    ("user", False, "valid string"),
+    ("stream_options", {"include_usage": "true"}, "valid boolean"),
+    ("stream_options", {"include_usage": True, "extra": 1}, "Extra inputs are not permitted"),
+    ("logit_bias", {"50256": "1"}, "valid number"),
+])
+def test_types_are_strict_as_openais(client, field, value, message):
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": "hi", field: value}))
+    assert error["param"] == field and message in error["message"] and error["code"] == "invalid_value"
+
+
+def test_an_integer_is_a_number_and_nan_is_none(client):
+    assert complete(client, temperature=1, top_p=1, presence_penalty=0, max_tokens=2)["choices"]
+    for field in ("temperature", "top_p", "frequency_penalty"):
+        for number in ("NaN", "Infinity", "-Infinity", "1e999"):
+            body = f'{{"prompt": "hi", "{field}": {number}}}'.encode()
+            error = assert_openai_error(client.post("/v1/completions", content=body))
+            assert error["param"] == field and "finite number" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "application/x-www-form-urlencoded", "text/plain", "application/json; charset=utf-8",
+    "application/octet-stream", "multipart/form-data; boundary=x", "nonsense/",
+])
+def test_a_json_body_is_json_whatever_its_content_type(client, content_type):
+    """`curl -d` sends application/x-www-form-urlencoded; clients without a Content-Type exist too."""
+    body = json.dumps({"prompt": "The meaning of life is", "max_tokens": 8, "temperature": 0}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/v1/completions", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    greedy = complete(client, max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert response.json()["choices"][0]["text"] == greedy
+    form = client.post("/v1/completions", data={"prompt": "hi"})  # a real form is no JSON: say so
+    assert "could not parse the JSON body" in assert_openai_error(form)["message"]
+
+
+def test_head_health_and_retry_after(client):
+    head = client.head("/health")
+    assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/json")
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.head("/v1/completions").status_code == 405
+    from gptforge.serve.api import APIError
+
+    assert APIError(429, "busy").response().headers["retry-after"] == "1"
+    assert "retry-after" not in APIError(400, "bad").response().headers
+
+
+def test_a_bug_is_still_a_json_500(client, served, monkeypatch):
+    def broken() -> dict[str, int]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(served[1].state.engine, "occupancy", broken)
+    failed = client.get("/health")
+    error = error_of(failed, 500)
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert failed.headers["connection"] == "close"  # the server closes it: the client must not reuse it
+    monkeypatch.undo()
+    assert client.get("/health").status_code == 200
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes `sock` (sending nothing); fails after `seconds`."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(1024) == b""
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("sent", [
+    b"",  # connects and says nothing
+    b"POST /v1/comp",  # half a request line
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers, never ended
+    b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{"prompt": ',  # half a body
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"pro\r\n",
+])
+def test_a_client_that_stalls_is_cut_off(model_dir, sent):
+    with server(model_dir, request_timeout=0.5) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(sent)
+            assert 0.4 < closed_within(stalled, 5) < 2
+        assert client.get("/health").status_code == 200
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off_and_the_rest_is_served(model_dir):
+    with (
+        server(model_dir, request_timeout=0.5) as (url, app),
+        httpx.Client(base_url=url, timeout=10) as client,
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as trickle,
+    ):
+        start = time.monotonic()
+        with pytest.raises(OSError):  # each byte resets uvicorn's keep-alive timer, not the request's deadline
+            for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.05)
+        assert time.monotonic() - start < 2
+        # a connection idle for less than the timeout between requests is kept: each request restarts it
+        first = client.get("/health")
+        time.sleep(0.3)
+        second = client.get("/health")
+        time.sleep(0.3)
+        third = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert first.status_code == second.status_code == third.status_code == 200
+        assert connection_of(first) == connection_of(second) == connection_of(third)
+        # a response that outlasts the timeout is not cut: the clock stops once the request is in
+        with slow_steps(app, 0.02):
+            started = time.monotonic()
+            events = stream(client, **{**LONG, "max_tokens": 60})
+        assert time.monotonic() - started > 1 and events[-1] == "[DONE]"
+        assert streamed_texts(events)[0]

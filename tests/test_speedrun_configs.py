@@ -26,7 +26,9 @@ def test_preset_loads(name):
     cfg = load_train_config([str(CONFIGS / name)], {})
     defaults = TrainConfig()
     assert cfg.optimizer == "muon" and cfg.lr_schedule == "wsd"
-    assert (cfg.pos_emb, cfg.mlp, cfg.qk_norm, cfg.tie_embeddings) != (defaults.pos_emb, defaults.mlp, False, True)
+    assert (cfg.pos_emb, cfg.mlp, cfg.qk_norm, cfg.tie_embeddings) != (
+        defaults.pos_emb, defaults.mlp, False, True
+    )
 
 
 def test_gpt2_preset_follows_the_speedrun():
@@ -44,7 +46,9 @@ def test_preset_options_train_a_tiny_model(name, tmp_path):
     data_dir = tmp_path / "data"
     char_dataset(data_dir)
     preset = load_train_config([str(CONFIGS / name)], {})
-    cfg = dataclasses.replace(preset, **TINY, dataset="sonnet", data_dir=str(data_dir), out_dir=str(tmp_path / "run"))
+    cfg = dataclasses.replace(
+        preset, **TINY, dataset="sonnet", data_dir=str(data_dir), out_dir=str(tmp_path / "run")
+    )
     assert train(cfg).iter_num == 30
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]

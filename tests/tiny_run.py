@@ -30,7 +30,9 @@ def char_dataset(data_dir: Path) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     source = data_dir / "sonnet.txt"
     source.write_text(SONNET * 20, encoding="utf-8")
-    options = TextOptions(input=str(source), tokenizer="char", data_dir=str(data_dir), name=DATASET, num_proc=1)
+    options = TextOptions(
+        input=str(source), tokenizer="char", data_dir=str(data_dir), name=DATASET, num_proc=1
+    )
     get_dataset("text").prepare(options)
     return data_dir / DATASET
 
@@ -41,7 +43,7 @@ def tiny_run(root: Path) -> Path:
     out_dir = root / "run"
     train(TrainConfig(
         dataset=DATASET, data_dir=str(root / "data"), out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32,
-        block_size=32, batch_size=4, gradient_accumulation_steps=1, max_iters=20, eval_interval=10, eval_iters=5,
-        compile=False, warmup_iters=2, lr_decay_iters=20, device="cpu", dtype="float32",
+        block_size=32, batch_size=4, gradient_accumulation_steps=1, max_iters=20, eval_interval=10,
+        eval_iters=5, compile=False, warmup_iters=2, lr_decay_iters=20, device="cpu", dtype="float32",
     ))
     return out_dir

@@ -7,6 +7,9 @@ dicts, lists, numbers and strings and refuses anything that would run code.
 
 A run directory holds `ckpt.pt`, the latest checkpoint (the name nanoGPT uses), and `best.pt`, the one with
 the lowest val loss. Each is replaced by an atomic rename, so a crash at any moment leaves both loadable.
+Beside them, the other weight files gptforge reads (safetensors, a weights-only `pytorch_model.bin`, JSON
+configs), each with its cause named when it is broken. This module knows files and the model's state dict; it
+imports the model and nothing of training, data or commands.
 """
 
 import json

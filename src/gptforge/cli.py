@@ -1,4 +1,6 @@
-"""The `gptforge` command: argument wiring only; each subcommand's work lives in its own module."""
+"""The `gptforge` command: argument wiring only; each subcommand's work lives in its own module, imported when
+that subcommand runs (so `gptforge --help` loads no torch model code). This is the one place where errors become
+a line on stderr and exit status 2."""
 
 import os
 import sys

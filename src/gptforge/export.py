@@ -8,6 +8,7 @@
 
 Both also write `gptforge_tokenizer.json` (and a trained BPE's `tokenizer.json`), so that `gptforge sample
 --init_from=DIR` decodes an exported char or BPE model with its own vocabulary instead of GPT-2's.
+This module reads a run (runs.py) and writes files; how a format maps the model is its own or hf.py's.
 """
 
 import dataclasses

@@ -4,6 +4,7 @@ tokenizer files that make `AutoTokenizer` and `pipeline("text-generation", ...)`
 Reads and writes the files themselves (config.json + safetensors, or a weights-only pytorch_model.bin), so
 neither direction needs `transformers`; the hub is reached through `huggingface_hub` only for a model name.
 HF's GPT-2 stores its matmul weights as Conv1D, (in, out): the transpose of `nn.Linear`'s (out, in).
+This module knows the model, the tokenizers and HF's file layout; it never imports `transformers`.
 """
 
 import json

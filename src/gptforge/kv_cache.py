@@ -1,4 +1,5 @@
-"""KV caches: the keys and values of earlier positions, kept so decoding a token costs one token's compute.
+"""KV caches: the keys and values of earlier positions,
+kept so that decoding a token costs one token's compute.
 
 - `KVCache`: a batch of sequences that advance together (`generate.py`'s decoding loop).
 - `SlotKVCache`: `n_slots` independent sequences, each at its own length (the server's continuous batching).

@@ -26,7 +26,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to `out_dir/metrics.jsonl`: fresh for a new run, cut back to `resume_iter` on resume."""
+    """Appends records to `out_dir/metrics.jsonl`:
+    fresh for a new run, cut back to `resume_iter` on resume."""
 
     def __init__(self, out_dir: str | Path, resume_iter: int | None = None):
         self.path = Path(out_dir) / METRICS_NAME

@@ -1,8 +1,10 @@
-"""Public files the data pipeline needs (corpora, tokenizer files): a local mirror first, then the canonical URL.
+"""Public files the data pipeline needs (corpora, tokenizer files): a local mirror first,
+then the canonical URL.
 
-A mirror is a directory laid out like `../shared/data` (`tinyshakespeare/input.txt`, `gpt2/encoder.json`, ...),
-named by `--mirror=DIR` or the `GPTFORGE_DATA_MIRROR` environment variable. Every file is checked against its
-pinned sha256, and downloads are written atomically. This module knows nothing about tokens or datasets.
+A mirror is a directory laid out like `../shared/data` (`tinyshakespeare/input.txt`, `gpt2/encoder.json`,
+...), named by `--mirror=DIR` or the `GPTFORGE_DATA_MIRROR` environment variable. Every file is checked
+against its pinned sha256, and downloads are written atomically. This module knows nothing about tokens or
+datasets.
 """
 
 import hashlib

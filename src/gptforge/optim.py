@@ -66,7 +66,9 @@ def wsd_lr(
 
 # -- Muon --
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def zeropower_via_newtonschulz5(
+    G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """An approximately orthogonal matrix with G's singular vectors: U S' V^T for G = U S V^T, S' near 1.
 
     Five quintic Newton–Schulz steps instead of an SVD: only matmuls, and stable in bfloat16 (the default
@@ -142,8 +144,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"bad Muon settings: lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
                              f"ns_steps={ns_steps}")
         self.ns_dtype = ns_dtype
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        betas=betas, eps=eps, kind="muon")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, betas=betas, eps=eps, kind="muon")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

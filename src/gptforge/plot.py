@@ -1,8 +1,8 @@
 """`gptforge plot OUT_DIR`: a run's loss curves from its metrics.jsonl, drawn to a PNG.
 
 Reads only the metrics file (metrics.py owns its format), so it works on a finished run, a running one or one
-copied off a cluster. matplotlib is an optional dependency (`pip install 'gptforge[plot]'`), imported only here
-and with the Agg backend: no display is needed.
+copied off a cluster. matplotlib is an optional dependency (`pip install 'gptforge[plot]'`), imported only
+here and with the Agg backend: no display is needed.
 """
 
 import io
@@ -19,7 +19,9 @@ PLOT_NAME = "loss.png"
 
 @dataclass
 class PlotOptions:
-    to: str | None = field(default=None, metadata={"help": f"the PNG to write (default: OUT_DIR/{PLOT_NAME})"})
+    to: str | None = field(
+        default=None, metadata={"help": f"the PNG to write (default: OUT_DIR/{PLOT_NAME})"}
+    )
 
 
 def _pyplot() -> Any:
@@ -63,8 +65,10 @@ def loss_figure(records: list[dict[str, Any]], name: str) -> Any:
                 linewidth=0.8, label="train loss (each step)")
     if evals:
         iters = [r["iter"] for r in evals]
-        ax.plot(iters, [r["train_loss"] for r in evals], "o-", color="tab:blue", markersize=3, label="eval: train")
-        ax.plot(iters, [r["val_loss"] for r in evals], "o-", color="tab:orange", markersize=3, label="eval: val")
+        ax.plot(iters, [r["train_loss"] for r in evals], "o-", color="tab:blue", markersize=3,
+                label="eval: train")
+        ax.plot(iters, [r["val_loss"] for r in evals], "o-", color="tab:orange", markersize=3,
+                label="eval: val")
         best = min(evals, key=lambda r: r["val_loss"])
         title += f": best val loss {best['val_loss']:.4f} at iter {best['iter']}"
     ax.set_title(title)

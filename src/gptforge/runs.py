@@ -29,8 +29,8 @@ def load_run(
     out_dir: str | Path, which: Literal["best", "latest"] = "best", data_dir: str | None = None,
     mirror: Path | None = None,
 ) -> Run:
-    """The run in `out_dir` (or a checkpoint file); `data_dir` says where its dataset lives now if it moved, and
-    `mirror` (default: $GPTFORGE_DATA_MIRROR) holds the tokenizer files it may need."""
+    """The run in `out_dir` (or a checkpoint file); `data_dir` says where its dataset lives now if it moved,
+    and `mirror` (default: $GPTFORGE_DATA_MIRROR) holds the tokenizer files it may need."""
     path = Path(out_dir)
     if not path.is_file() and not (path / CHECKPOINT_NAME).is_file():
         raise GptforgeError(

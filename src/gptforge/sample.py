@@ -1,9 +1,9 @@
 """`gptforge sample`: text from a trained run, GPT-2 or a model directory, streamed as it is generated.
 
-nanoGPT's sample.py options, plus top_p, seed, stream and which checkpoint. The model decodes token by token with
-its KV cache (generate.py); this module turns a prompt into ids and ids back into text with the run's own
-tokenizer, and prints text only once it is complete: a BPE token can end halfway through a multi-byte character.
-A seed fixes every draw, so the same options give the same text.
+nanoGPT's sample.py options, plus top_p, seed, stream and which checkpoint. The model decodes token by token
+with its KV cache (generate.py); this module turns a prompt into ids and ids back into text with the run's own
+tokenizer, and prints text only once it is complete: a BPE token can end halfway through a multi-byte
+character. A seed fixes every draw, so the same options give the same text.
 """
 
 import sys
@@ -52,7 +52,8 @@ class SampleOptions(SourceOptions):
 
 
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
-    """The ids of `--start` (text, or FILE:path); an empty prompt starts from end-of-text where there is one."""
+    """The ids of `--start` (text, or FILE:path);
+    an empty prompt starts from end-of-text where there is one."""
     if start.startswith("FILE:"):
         path = Path(start[len("FILE:"):])
         try:
@@ -88,8 +89,8 @@ class Sampler:
         idx = torch.tensor([self.prompt], dtype=torch.long, device=self.device)
         text = TextStream(self.tokenizer)
         yield self.tokenizer.decode(self.prompt)
-        tokens = stream(self.model, idx, opts.max_new_tokens, temperature=opts.temperature,  # type: ignore[arg-type]
-                        top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+        tokens = stream(self.model, idx, opts.max_new_tokens,  # type: ignore[arg-type]
+                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator)
         for token in tokens:
             piece = text.push(int(token[0]))
             if piece:
@@ -98,7 +99,8 @@ class Sampler:
 
 
 def sample(opts: SampleOptions, out: TextIO | None = None) -> list[str]:
-    """Print `num_samples` samples to `out` (default stdout), separated as nanoGPT does; returns their texts."""
+    """Print `num_samples` samples to `out` (default stdout), separated as nanoGPT does;
+    returns their texts."""
     out = out or sys.stdout
     texts = []
     for pieces in Sampler(opts).samples():

@@ -6,7 +6,8 @@ loop; each piece lives in its own module. One step: set the LR, evaluate and che
 
 Iteration `it` trains on global batch `it` (a pure function of seed and `it`, split over the processes) and a
 checkpoint taken at iteration N holds the state before step N, RNG states included, so a resumed run repeats
-exactly what an uninterrupted one would have done.
+exactly what an uninterrupted one would have done. It reads prepared token files (data/files.py, batches.py)
+and never text, HTTP or the prepare side.
 """
 
 import contextlib

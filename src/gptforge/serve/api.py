@@ -126,8 +126,17 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     return APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
 
 
+async def server_error(_: Request, e: Exception) -> JSONResponse:
+    """A bug's answer, still in OpenAI's shape. uvicorn logs the exception and then closes the connection:
+    `Connection: close` tells the client, which would otherwise send its next request into a closed socket."""
+    response = APIError(500, f"The server had an error processing your request: {type(e).__name__}").response()
+    response.headers["Connection"] = "close"
+    return response
+
+
 def answer_errors_in_openai_shape(app: FastAPI) -> None:
-    """Make `app` answer APIError, and FastAPI's own errors, in OpenAI's shape."""
+    """Make `app` answer APIError, FastAPI's own errors, and any other exception, in OpenAI's shape."""
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)

@@ -1,9 +1,9 @@
 """The HTTP app of `gptforge serve`: its routes, and `create_app`, which wires an engine into them.
 
-`/` is the playground page and `/health` the engine's occupancy (GET or HEAD), open to all; under `/v1`, behind the API
-key, the model list and the completions, whose work is completions.py's. Routes read what they serve from
-`app.state`; the app starts and stops the engine with its lifespan. The process around it (options, the
-socket, the signals that drain it) is server.py's.
+`/` is the playground page and `/health` the engine's occupancy (GET or HEAD), open to all; under `/v1`,
+behind the API key, the model list and the completions, whose work is completions.py's. Routes read what they
+serve from `app.state`; the app starts and stops the engine with its lifespan. The process around it (options,
+the socket, the signals that drain it) is server.py's.
 """
 
 import importlib.resources

@@ -67,12 +67,15 @@ async def client_gone(request: Request) -> None:
 
 class Completions:
     """Completions from `engine`'s model, served as `model_id`, of at most `max_tokens_limit` tokens (None:
-    the model's block_size, which also bounds the limit)."""
+    the model's block_size; more than that is a GptforgeError, as no completion could reach it)."""
 
     def __init__(self, engine: Engine, model_id: str, max_tokens_limit: int | None):
         block_size = engine.model.config.block_size
+        if max_tokens_limit is not None and max_tokens_limit > block_size:
+            raise GptforgeError(f"--max_tokens_limit={max_tokens_limit} is over the model's context of "
+                                f"{block_size} tokens (its block_size)")
         self.engine, self.tokenizer, self.model_id = engine, engine.tokenizer, model_id
-        self.max_tokens_limit = min(max_tokens_limit or block_size, block_size)
+        self.max_tokens_limit = max_tokens_limit or block_size
 
     async def respond(self, body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         """The completion of `body`: one JSON body, or server-sent events when it asks to stream."""

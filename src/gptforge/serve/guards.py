@@ -1,17 +1,62 @@
-"""What a request must pass before a route sees it: the body size limit and the API key.
+"""What a request must pass before a route sees it: a deadline to arrive, the body size limit and the API key.
 
-`BodyLimit` is ASGI middleware (413 for a body too large), `bearer_check` a FastAPI dependency (401 for a
-wrong or missing key); both answer with api.py's APIError. Which routes they guard is app.py's choice.
+`RequestDeadline` is uvicorn's HTTP protocol with a deadline (a connection too slow to send its request is
+closed), `BodyLimit` ASGI middleware (413 for a body too large), `bearer_check` a FastAPI dependency (401 for
+a wrong or missing key); the last two answer with api.py's APIError. Which routes they guard is app.py's
+choice; server.py runs uvicorn with the deadline.
 """
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import h11
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gptforge.serve.api import APIError
+
+
+class RequestDeadline(H11Protocol):
+    """uvicorn's h11 protocol, where a connection has `request_timeout` seconds, from its opening or from its
+    last response, to deliver its next request, headers and body; then it is closed. (uvicorn's keep-alive
+    timer stops at a request's first byte, so alone it lets a client that sends half a request, or trickles
+    one a byte at a time, hold the connection forever.) The clock stops once a request is in: a response
+    that takes minutes to stream is not cut."""
+
+    def __init__(self, *args: Any, request_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.request_timeout = request_timeout
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def watch(self) -> None:
+        """Run the clock while a request is due (none or part of it received); stop it once it is in."""
+        due = self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing()
+        if due and self.deadline is None:
+            self.deadline = self.loop.call_later(self.request_timeout, self.transport.close)
+        elif not due and self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
 
 class BodyLimit:

@@ -1,12 +1,14 @@
 """The `gptforge serve` process: its options, loading the model into an engine, and uvicorn serving the app.
 
-It owns what is the process's rather than a request's: the address and the socket, the API key's default
-($GPTFORGE_API_KEY), torch's threads, and the shutdown, where a signal drains the requests in flight. The
-routes are app.py's; `serve_in_thread` runs an app for tests and notebooks, without signals.
+It owns what is the process's rather than a request's: the address and the socket, how long a connection may
+take to send a request and stay idle, the API key's default ($GPTFORGE_API_KEY), torch's threads, and the
+shutdown, where a signal drains the requests in flight. The routes are app.py's; `serve_in_thread` runs an
+app for tests and notebooks, without signals.
 """
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import os
 import threading
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
@@ -26,7 +29,13 @@ from gptforge.generate import decoding_model
 from gptforge.options import option
 from gptforge.serve.app import create_app
 from gptforge.serve.engine import Engine
+from gptforge.serve.guards import RequestDeadline
 from gptforge.source import SourceOptions
+
+# a request, headers and body, must arrive within this many seconds: ample for a 1 MiB body over a slow
+# link (35 kB/s), short enough that a client that stalls half-way (slowloris) does not hold its socket long
+REQUEST_TIMEOUT = 30.0
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open: uvicorn's default
 
 
 @dataclass
@@ -39,6 +48,9 @@ class ServeOptions(SourceOptions):
         None, "the largest max_tokens a request may ask (None: the model's block_size)"
     )
     max_request_bytes: int = option(1 << 20, "the largest request body; beyond, 413")
+    request_timeout: float = option(
+        REQUEST_TIMEOUT, "seconds a connection has to send a request's headers and body; beyond, it is closed"
+    )
     api_key: str | None = option(
         None, "require Authorization: Bearer KEY on /v1 (default: $GPTFORGE_API_KEY)"
     )
@@ -65,6 +77,8 @@ class ServeOptions(SourceOptions):
             raise GptforgeError("--api_key is empty; give a key, or leave the option out")
         if self.shutdown_timeout < 0:
             raise GptforgeError(f"--shutdown_timeout={self.shutdown_timeout} must be >= 0")
+        if not 0 < self.request_timeout < float("inf"):
+            raise GptforgeError(f"--request_timeout={self.request_timeout} must be a number of seconds > 0")
 
 
 class Server(uvicorn.Server):
@@ -80,11 +94,22 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(
+    app: FastAPI, host: str, port: int, request_timeout: float, **options: Any
+) -> uvicorn.Config:
+    """uvicorn's configuration for `app`: h11 with a deadline for each request (guards.RequestDeadline),
+    idle connections closed after KEEP_ALIVE seconds."""
+    http = functools.partial(RequestDeadline, request_timeout=request_timeout)
+    return uvicorn.Config(app, host=host, port=port, http=http, timeout_keep_alive=KEEP_ALIVE, **options)
+
+
 @contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, request_timeout: float = REQUEST_TIMEOUT
+) -> Iterator[str]:
     """Serve `app` from a background thread for the duration of the block, yielding its base URL: for tests
     and notebooks (no signal handling; `serve` is the command's way)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    config = uvicorn_config(app, host, port, request_timeout, log_level="warning")
     server = uvicorn.Server(config)
     sock = config.bind_socket()
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gptforge-uvicorn",
@@ -124,13 +149,13 @@ def serve(opts: ServeOptions) -> None:
                       stacklevel=1)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
+    device, dtype = opts.placement()  # first: a device this machine lacks fails before the model loads
     source = opts.load()
-    device, dtype = opts.placement()
     model = decoding_model(source.model, device, dtype)
     engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
     model_id = model_name(opts.init_from, opts.out_dir)
     app = create_app(engine, model_id, opts)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port,
+    config = uvicorn_config(app, opts.host, opts.port, opts.request_timeout,
                             timeout_graceful_shutdown=opts.shutdown_timeout, log_level="info")
     try:
         sock = config.bind_socket()
