@@ -45,8 +45,9 @@ def test_nanogpt_checkpoint_loads_with_exact_gelu(tmp_path):
     model_args = {k: v for k, v in asdict(reference.config).items() if k != "gelu_approximate"}
     state = {f"_orig_mod.{k}": v for k, v in reference.state_dict().items()}
     optimizer = torch.optim.AdamW(reference.parameters())
-    torch.save({"model": state, "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5000,
-                "best_val_loss": torch.tensor(1.47), "config": {"dataset": "shakespeare_char", "compile": True}},
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "model_args": model_args,
+                "iter_num": 5000, "best_val_loss": torch.tensor(1.47),
+                "config": {"dataset": "shakespeare_char", "compile": True}},
                tmp_path / "ckpt.pt")
     loaded = GPT.from_checkpoint(tmp_path / "ckpt.pt")
     assert loaded.config.gelu_approximate == "none" and loaded.config.bias is False
@@ -66,7 +67,8 @@ class Payload:
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, tiny_model):
     marker = tmp_path / "pwned"
-    torch.save({"model_args": asdict(tiny_model.config), "model": tiny_model.state_dict(), "x": Payload(marker)},
+    torch.save({"model_args": asdict(tiny_model.config), "model": tiny_model.state_dict(),
+                "x": Payload(marker)},
                tmp_path / "ckpt.pt")
     with pytest.raises(GptforgeError, match="is not a safe checkpoint"):
         GPT.from_checkpoint(tmp_path / "ckpt.pt")

@@ -138,8 +138,10 @@ def test_bad_command_lines_are_one_line_errors_and_write_nothing(run, tmp_path, 
 
 
 def test_a_bad_command_line_is_one_line_in_a_real_process(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptforge", "train", "--device=tpu", f"--out_dir={tmp_path}/o"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "gptforge", "train", "--device=tpu", f"--out_dir={tmp_path}/o"],
+        capture_output=True, text=True,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == ("gptforge train: error: --device='tpu' is not a device gptforge runs on: use cpu, cuda, "
-                             "cuda:N, mps or auto\n")
+    assert result.stderr == ("gptforge train: error: --device='tpu' is not a device gptforge runs on: use "
+                             "cpu, cuda, cuda:N, mps or auto\n")

@@ -28,7 +28,7 @@ from gptforge.model import MODEL_KEYS
 from gptforge.options import split_args
 from gptforge.train import Trainer, train
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # TrainConfig from files: nanoGPT's own configs, the shipped TOML files, and the errors a user can make.
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,8 @@ CONFIGS = REPO / "configs"
 
 # nanoGPT README's CPU quick start: train_shakespeare_char.py with these options.
 QUICKSTART_OPTIONS = (
-    "--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 "
-    "--n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0"
+    "--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 "
+    "--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0"
 )
 
 EVAL = dict(batch_size=8, eval_iters=500, eval_only=True, wandb_log=False)
@@ -50,15 +50,15 @@ NANOGPT_VALUES = {
     ),
     "train_shakespeare_char.py": dict(
         out_dir="out-shakespeare-char", eval_interval=250, eval_iters=200, log_interval=10,
-        always_save_checkpoint=False, wandb_log=False, wandb_project="shakespeare-char", wandb_run_name="mini-gpt",
-        dataset="shakespeare_char", gradient_accumulation_steps=1, batch_size=64, block_size=256, n_layer=6,
-        n_head=6, n_embd=384, dropout=0.2, learning_rate=1e-3, max_iters=5000, lr_decay_iters=5000, min_lr=1e-4,
-        beta2=0.99, warmup_iters=100,
+        always_save_checkpoint=False, wandb_log=False, wandb_project="shakespeare-char",
+        wandb_run_name="mini-gpt", dataset="shakespeare_char", gradient_accumulation_steps=1, batch_size=64,
+        block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, learning_rate=1e-3, max_iters=5000,
+        lr_decay_iters=5000, min_lr=1e-4, beta2=0.99, warmup_iters=100,
     ),
     "finetune_shakespeare.py": dict(
-        out_dir="out-shakespeare", eval_interval=5, eval_iters=40, wandb_log=False, wandb_project="shakespeare",
-        dataset="shakespeare", init_from="gpt2-xl", always_save_checkpoint=False, batch_size=1,
-        gradient_accumulation_steps=32, max_iters=20, learning_rate=3e-5, decay_lr=False,
+        out_dir="out-shakespeare", eval_interval=5, eval_iters=40, wandb_log=False,
+        wandb_project="shakespeare", dataset="shakespeare", init_from="gpt2-xl", always_save_checkpoint=False,
+        batch_size=1, gradient_accumulation_steps=32, max_iters=20, learning_rate=3e-5, decay_lr=False,
     ),
     "eval_gpt2.py": dict(EVAL, init_from="gpt2"),
     "eval_gpt2_medium.py": dict(EVAL, init_from="gpt2-medium"),
@@ -78,7 +78,8 @@ def test_nanogpt_configs_load_as_nanogpt_sets_them(name):
     path = str(NANOGPT / name)
     if name == "finetune_shakespeare.py":
         # `import time` is skipped silently; the run name computed from the clock is skipped with a warning.
-        with pytest.warns(UserWarning, match=r":8: skipped wandb_run_name = 'ft-' \+ str\(time\.time\(\)\)") as w:
+        with pytest.warns(UserWarning,
+                          match=r":8: skipped wandb_run_name = 'ft-' \+ str\(time\.time\(\)\)") as w:
             cfg = load_train_config([path], {})
         assert len(w) == 1
     else:
@@ -91,7 +92,8 @@ def test_nanogpt_configs_load_as_nanogpt_sets_them(name):
 
 def test_train_gpt2_takes_arithmetic_and_the_documented_values():
     cfg = load_train_config([str(NANOGPT / "train_gpt2.py")], {})
-    assert (cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps, cfg.max_iters) == (12, 1024, 40, 600000)
+    assert (cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps, cfg.max_iters) == (
+        12, 1024, 40, 600000)
     # The keys the file leaves out keep nanoGPT's train.py defaults.
     assert (cfg.n_layer, cfg.learning_rate, cfg.warmup_iters, cfg.min_lr, cfg.dataset) == (
         12, 6e-4, 2000, 6e-5, "openwebtext")
@@ -141,8 +143,10 @@ def test_shipped_toml_says_what_it_is_and_how_to_run_it(name):
 def test_quickstart_is_nanogpts_cpu_command():
     cfg = load_train_config([str(CONFIGS / "quickstart_cpu.toml")], {})
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (4, 4, 128, 64, 12)
-    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.dropout, cfg.eval_iters, cfg.log_interval) == (2000, 2000, 0, 20, 1)
-    assert (cfg.out_dir, cfg.eval_interval, cfg.gradient_accumulation_steps) == ("out-shakespeare-char", 250, 1)
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.dropout, cfg.eval_iters, cfg.log_interval) == (
+        2000, 2000, 0, 20, 1)
+    assert (cfg.out_dir, cfg.eval_interval, cfg.gradient_accumulation_steps) == (
+        "out-shakespeare-char", 250, 1)
     assert (cfg.learning_rate, cfg.warmup_iters, cfg.min_lr, cfg.beta2) == (1e-3, 100, 1e-4, 0.99)
     assert (cfg.device, cfg.compile, cfg.dataset) == ("cpu", False, "shakespeare_char")
 
@@ -156,7 +160,8 @@ def test_files_apply_in_order_then_options():
 
 
 def test_toml_tables_are_flattened(tmp_path):
-    path = write(tmp_path, "grouped.toml", '[model]\nn_layer = 2\nn_head = 2\n[data]\ndataset = "shakespeare"\n')
+    path = write(tmp_path, "grouped.toml",
+                 '[model]\nn_layer = 2\nn_head = 2\n[data]\ndataset = "shakespeare"\n')
     cfg = load_train_config([path], {})
     assert (cfg.n_layer, cfg.n_head, cfg.dataset) == (2, 2, "shakespeare")
 
@@ -164,13 +169,17 @@ def test_toml_tables_are_flattened(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("bad.toml", "max_itres = 5\n", r"unknown option --max_itres in .*bad\.toml \(did you mean --max_iters\?\)"),
+        ("bad.toml", "max_itres = 5\n",
+         r"unknown option --max_itres in .*bad\.toml \(did you mean --max_iters\?\)"),
         ("bad.toml", "[model]\nn_layr = 4\n",
          r"unknown option --n_layr \(in table \[model\]\) in .*bad\.toml \(did you mean --n_layer\?\)"),
-        ("bad.toml", "[model]\n[model.attention]\nn_head = 4\n", r"bad\.toml: table \[model\.attention\] is nested too deep"),
-        ("bad.toml", "n_layer = 4\n[model]\nn_layer = 6\n", r"bad\.toml: n_layer \(in table \[model\]\) is set twice"),
+        ("bad.toml", "[model]\n[model.attention]\nn_head = 4\n",
+         r"bad\.toml: table \[model\.attention\] is nested too deep"),
+        ("bad.toml", "n_layer = 4\n[model]\nn_layer = 6\n",
+         r"bad\.toml: n_layer \(in table \[model\]\) is set twice"),
         ("bad.toml", 'max_iters = "many"\n', r"bad\.toml: --max_iters='many' is not an integer"),
-        ("bad.toml", 'max_iters = "1e4"\n', r"bad\.toml: --max_iters='1e4' is not an integer"),  # typed in a file
+        ("bad.toml", 'max_iters = "1e4"\n',  # typed in a file
+         r"bad\.toml: --max_iters='1e4' is not an integer"),
         ("bad.toml", "n_layer = 4.5\n", r"bad\.toml: --n_layer=4\.5 is not an integer"),
         ("bad.toml", 'compile = "yes"\n', r"bad\.toml: --compile='yes' is not a bool"),
         ("bad.toml", "learning_rate = true\n", r"bad\.toml: --learning_rate=True is not a number"),
@@ -193,7 +202,8 @@ def test_bad_config_files_are_one_line_errors(tmp_path, name, text, message):
 
 
 def test_missing_or_unknown_kind_of_file(tmp_path):
-    with pytest.raises(GptforgeError, match=r"config file .*nope\.toml does not exist \(shipped configs are in"):
+    with pytest.raises(GptforgeError,
+                       match=r"config file .*nope\.toml does not exist \(shipped configs are in"):
         load_train_config([str(tmp_path / "nope.toml")], {})
     with pytest.raises(GptforgeError, match=r"must be \.toml or a nanoGPT \.py config"):
         load_train_config([write(tmp_path, "c.yaml", "n_layer: 4\n")], {})
@@ -219,8 +229,8 @@ def test_nanogpt_files_are_read_never_run(tmp_path):
 
 
 def test_command_line_values_are_parsed_and_coerced():
-    cfg = load_train_config([], {"max_iters": "1e4", "learning_rate": "1", "compile": "False", "device": "cuda:1",
-                                 "init_from": "gpt2-medium", "dtype": "'bfloat16'"})
+    cfg = load_train_config([], {"max_iters": "1e4", "learning_rate": "1", "compile": "False",
+                                 "device": "cuda:1", "init_from": "gpt2-medium", "dtype": "'bfloat16'"})
     assert (cfg.max_iters, cfg.learning_rate, cfg.compile, cfg.device, cfg.init_from, cfg.dtype) == (
         10000, 1.0, False, "cuda:1", "gpt2-medium", "bfloat16")
     assert type(cfg.max_iters) is int and type(cfg.learning_rate) is float
@@ -243,7 +253,8 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path):
     result = gptforge("train", bad, "--max_iters=1e4", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
-        f"gptforge train: error: unknown option --n_layr (in table [model]) in {bad} (did you mean --n_layer?)\n"
+        f"gptforge train: error: unknown option --n_layr (in table [model]) in {bad} "
+        "(did you mean --n_layer?)\n"
     )
     assert result.stdout == "" and not (tmp_path / "out").exists()
 
@@ -254,8 +265,8 @@ SMALL = dict(n_layer=1, n_head=2, n_embd=16, block_size=16)
 
 
 def other_value(name: str):
-    """A valid value of GPTConfig field `name` other than TrainConfig's default; a field of a new kind fails here,
-    loudly, until this test knows how to vary it."""
+    """A valid value of GPTConfig field `name` other than TrainConfig's default; a field of a new kind fails
+    here, loudly, until this test knows how to vary it."""
     f = {f.name: f for f in dataclasses.fields(GPTConfig)}[name]
     default = getattr(TrainConfig(), name)
     if typing.get_origin(f.type) is typing.Literal:
@@ -270,8 +281,9 @@ def other_value(name: str):
 
 
 def small_config(tmp_path, **changes) -> TrainConfig:
-    return TrainConfig(**{**SMALL, **changes}, dataset="sonnet", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
-                       batch_size=2, gradient_accumulation_steps=1, device="cpu", dtype="float32", compile=False)
+    return TrainConfig(**{**SMALL, **changes}, dataset="sonnet", data_dir=str(tmp_path / "data"),
+                       out_dir=str(tmp_path / "run"), batch_size=2, gradient_accumulation_steps=1,
+                       device="cpu", dtype="float32", compile=False)
 
 
 @pytest.mark.parametrize("name", MODEL_KEYS)

@@ -36,7 +36,8 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(run, tmp_path):
         ours, _ = model(idx, idx)  # with targets: logits at every position
         theirs = hf(idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    assert hf.config.vocab_size == model.config.vocab_size and hf.config.n_positions == model.config.block_size
+    assert (hf.config.vocab_size == model.config.vocab_size
+            and hf.config.n_positions == model.config.block_size)
 
 
 def test_safetensors_export_reloads_every_tensor_exactly(run, tmp_path):
@@ -119,8 +120,9 @@ def hf_tokenizer_export(tokenizer, tmp_path, vocab_size: int):
 
 
 def sonnet_bpe():
-    from gptforge.tokenizer import BPETokenizer
     from tiny_run import SONNET
+
+    from gptforge.tokenizer import BPETokenizer
 
     return BPETokenizer.train([SONNET * 5], 300)
 
@@ -130,7 +132,8 @@ def test_hf_export_tokenizer_gives_gptforge_s_ids_in_transformers(tmp_path, kind
     transformers = pytest.importorskip("transformers")
     from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
-    tokenizer = {"char": lambda: CharTokenizer.from_text(TEXTS), "gpt2": GPT2Tokenizer, "bpe": sonnet_bpe}[kind]()
+    tokenizer = {"char": lambda: CharTokenizer.from_text(TEXTS), "gpt2": GPT2Tokenizer,
+                 "bpe": sonnet_bpe}[kind]()
     directory = hf_tokenizer_export(tokenizer, tmp_path, 50304 if kind == "gpt2" else tokenizer.vocab_size)
     hf = transformers.AutoTokenizer.from_pretrained(directory)
     for text in TEXTS:

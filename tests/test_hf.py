@@ -46,7 +46,9 @@ def assert_same_as_hf(model: GPT, hf_model, vocab: int = 300) -> None:
 def test_from_pretrained_matches_hf_logits_and_loss(hf_dir):
     model = GPT.from_pretrained(hf_dir)
     cfg = model.config
-    assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) == (300, 128, 2, 4, 64, True)
+    assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) == (
+        300, 128, 2, 4, 64, True
+    )
     assert cfg.gelu_approximate == "tanh"
     assert_same_as_hf(model, transformers.GPT2LMHeadModel.from_pretrained(hf_dir))
 
@@ -69,7 +71,9 @@ def test_to_hf_round_trip(hf_dir, tmp_path):
     assert_same_as_hf(GPT.from_pretrained(tmp_path / "export"), reloaded)
 
 
-@pytest.mark.parametrize("overrides", [dict(bias=False), dict(vocab_size=50304), dict(gelu_approximate="none")])
+@pytest.mark.parametrize(
+    "overrides", [dict(bias=False), dict(vocab_size=50304), dict(gelu_approximate="none")]
+)
 def test_every_training_shape_exports(tmp_path, overrides):
     torch.manual_seed(0)
     model = GPT(tiny_config(**overrides)).eval()
@@ -80,7 +84,8 @@ def test_every_training_shape_exports(tmp_path, overrides):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits[:, -1:], model(idx)[0], rtol=0, atol=1e-5)
     if not model.config.bias:
-        assert load_file(tmp_path / "export" / "model.safetensors")["transformer.h.0.attn.c_attn.bias"].abs().sum() == 0
+        assert (load_file(tmp_path / "export" / "model.safetensors")["transformer.h.0.attn.c_attn.bias"]
+                .abs().sum() == 0)
 
 
 def test_exported_config_names_gpt2(tmp_path):

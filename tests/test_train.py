@@ -1,4 +1,5 @@
-"""Tests for gptforge.train: exact resume (stop/resume, SIGTERM, kill -9), metrics, best checkpoint, bad input.
+"""Tests for gptforge.train: exact resume (stop/resume, SIGTERM, kill -9), metrics, best checkpoint, bad
+input.
 
     .venv/bin/python -m pytest tests/test_train.py
 
@@ -28,9 +29,9 @@ from gptforge.metrics import read_metrics
 from gptforge.train import Trainer, run_config, train
 
 TINY = dict(
-    dataset="corpus", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2,
-    eval_interval=10, eval_iters=4, log_interval=1, compile=False, warmup_iters=5, lr_decay_iters=40,
-    learning_rate=3e-3, dropout=0.1, device="cpu", dtype="float32",
+    dataset="corpus", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
+    gradient_accumulation_steps=2, eval_interval=10, eval_iters=4, log_interval=1, compile=False,
+    warmup_iters=5, lr_decay_iters=40, learning_rate=3e-3, dropout=0.1, device="cpu", dtype="float32",
 )
 
 
@@ -38,10 +39,13 @@ TINY = dict(
 def data_dir(tmp_path_factory) -> Path:
     """A char-level dataset of a few thousand characters of varied text."""
     root = tmp_path_factory.mktemp("data")
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "away", "home"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + "." for i in range(400)]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "away",
+             "home"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + "."
+             for i in range(400)]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepare_text(TextOptions(input=str(root / "corpus.txt"), data_dir=str(root), name="corpus", tokenizer="char"))
+    prepare_text(TextOptions(input=str(root / "corpus.txt"), data_dir=str(root), name="corpus",
+                             tokenizer="char"))
     return root
 
 
@@ -58,7 +62,8 @@ def eval_records(out_dir: Path) -> list[dict]:
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
@@ -90,8 +95,8 @@ def test_best_checkpoint_keeps_the_lowest_val_loss(data_dir, tmp_path):
     assert latest["iter_num"] == 30
 
 
-MODERN = dict(optimizer="muon", pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False,
-              logit_softcap=15.0, zero_init_proj=True, lr_schedule="wsd", muon_lr=0.05)
+MODERN = dict(optimizer="muon", pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True,
+              tie_embeddings=False, logit_softcap=15.0, zero_init_proj=True, lr_schedule="wsd", muon_lr=0.05)
 
 
 @pytest.mark.parametrize("options", [{}, MODERN], ids=["gpt2-adamw", "modern-muon"])
@@ -143,8 +148,8 @@ def uninterrupted(data_dir, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "kill-9"])
 def test_interrupted_run_resumes_bit_identical(data_dir, uninterrupted, tmp_path, how):
-    """SIGTERM checkpoints and exits; kill -9 at an arbitrary step loses only the steps since the last checkpoint.
-    Either way the resumed run's whole history equals an uninterrupted run's."""
+    """SIGTERM checkpoints and exits; kill -9 at an arbitrary step loses only the steps since the last
+    checkpoint. Either way the resumed run's whole history equals an uninterrupted run's."""
     whole, cut = uninterrupted, tmp_path / "cut"
     cfg = config(data_dir, cut, max_iters=100)
     process = subprocess.Popen([sys.executable, "-m", "gptforge", "train", *cli_args(cfg)],
@@ -248,7 +253,8 @@ def test_finetune_from_a_local_hf_directory_crops_and_resumes(data_dir, tmp_path
     saved = json.loads((out / "config.json").read_text())
     ckpt = load_checkpoint(out)
     assert ckpt["model_args"]["block_size"] == 32  # cropped from 128 to the run's block_size
-    assert (saved["n_layer"], saved["n_embd"]) == (ckpt["model_args"]["n_layer"], ckpt["model_args"]["n_embd"])
+    assert (saved["n_layer"], saved["n_embd"]) == (
+        ckpt["model_args"]["n_layer"], ckpt["model_args"]["n_embd"])
     evals = eval_records(out)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     train(run_config([], {"init_from": "resume", "out_dir": str(out), "max_iters": "20"}))
@@ -259,16 +265,19 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path, capsys):
     train(config(data_dir, tmp_path, max_iters=10))
     history = (tmp_path / "metrics.jsonl").read_text()
     for max_iters in ("10", "5"):
-        assert train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path), "max_iters": max_iters})).iter_num == 10
+        assert train(run_config([], {"init_from": "resume", "out_dir": str(tmp_path),
+                                     "max_iters": max_iters})).iter_num == 10
         assert "already at iter 10" in capsys.readouterr().out  # tqdm.write prints to stdout
     assert (tmp_path / "metrics.jsonl").read_text() == history
 
 
 def nanogpt_checkpoint(data_dir: Path, out_dir: Path, iter_num: int = 5) -> GPT:
     """What nanoGPT's train.py saves: its model (compiled: `_orig_mod.` keys), AdamW's plain state dict, its
-    model_args (no gptforge keys), iter_num, best_val_loss (a tensor) and its config dict. Returns the model."""
+    model_args (no gptforge keys), iter_num, best_val_loss (a tensor) and its config dict. Returns the
+    model."""
     vocab = json.loads((data_dir / "corpus" / "meta.json").read_text())["vocab_size"]
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=vocab, dropout=0.0)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=vocab,
+                      dropout=0.0)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args, gelu_approximate="none"))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
@@ -276,9 +285,10 @@ def nanogpt_checkpoint(data_dir: Path, out_dir: Path, iter_num: int = 5) -> GPT:
     model(x, x)[1].backward()
     optimizer.step()
     nanogpt_config = {"out_dir": str(out_dir), "dataset": "corpus", "batch_size": 4, "block_size": 32,
-                      "gradient_accumulation_steps": 1, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0,
-                      "bias": False, "learning_rate": 1e-3, "max_iters": iter_num, "device": "cpu", "compile": False,
-                      "eval_interval": 5, "eval_iters": 2, "dtype": "float32", "init_from": "scratch"}
+                      "gradient_accumulation_steps": 1, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                      "dropout": 0.0, "bias": False, "learning_rate": 1e-3, "max_iters": iter_num,
+                      "device": "cpu", "compile": False, "eval_interval": 5, "eval_iters": 2,
+                      "dtype": "float32", "init_from": "scratch"}
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": iter_num,

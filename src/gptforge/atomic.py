@@ -1,8 +1,8 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never a half-written one; and the
 check, before any work, that a command's output can be written at all.
 
-Files are written with the permissions the umask gives (0644 under the usual umask), as `open` would make them.
-This module knows paths and bytes, nothing of what is in them.
+Files are written with the permissions the umask gives (0644 under the usual umask), as `open` would make
+them. This module knows paths and bytes, nothing of what is in them.
 """
 
 import contextlib
@@ -14,9 +14,9 @@ from gptforge.errors import GptforgeError
 
 
 def check_writable(path: str | os.PathLike, option: str, directory: bool = True) -> None:
-    """Fail now, naming `option`, if `path` (a directory, or a file when `directory` is False) cannot be written:
-    it or an ancestor is a file where a directory is needed, or the first ancestor that exists is not writable.
-    Nothing is created."""
+    """Fail now, naming `option`, if `path` (a directory, or a file when `directory` is False) cannot be
+    written: it or an ancestor is a file where a directory is needed, or the first ancestor that exists is not
+    writable. Nothing is created."""
     path = Path(path)
     if path.exists():
         if path.is_dir() != directory:

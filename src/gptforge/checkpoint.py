@@ -74,7 +74,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise GptforgeError(f"{path} is not a readable safetensors file ({e}); is the file complete?") from None
+        raise GptforgeError(
+            f"{path} is not a readable safetensors file ({e}); is the file complete?"
+        ) from None
 
 
 def read_weights_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -85,8 +87,8 @@ def read_weights_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptforgeError(f"{path} is a pickle that names code to run ({reason}); gptforge never runs it: use "
-                            "the model's model.safetensors instead") from None
+        raise GptforgeError(f"{path} is a pickle that names code to run ({reason}); gptforge never runs it: "
+                            "use the model's model.safetensors instead") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise GptforgeError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
 
@@ -97,8 +99,9 @@ def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     expected = model.state_dict()
     for key, value in state_dict.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise GptforgeError(f"{what} imply {key} of shape {tuple(expected[key].shape)}, but the file holds "
-                                f"{tuple(value.shape)}: the weights and the config do not belong together")
+            raise GptforgeError(f"{what} imply {key} of shape {tuple(expected[key].shape)}, but the file "
+                                f"holds {tuple(value.shape)}: the weights and the config do not belong "
+                                "together")
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> None:
@@ -121,7 +124,8 @@ def checkpoint_file(path: str | Path, which: Literal["latest", "best"] = "latest
         best = path / BEST_NAME
         path = best if which == "best" and best.is_file() else path / CHECKPOINT_NAME
     if not path.is_file():
-        raise GptforgeError(f"no checkpoint at {path}: pass a checkpoint file or a run directory with {CHECKPOINT_NAME}")
+        raise GptforgeError(f"no checkpoint at {path}: pass a checkpoint file or a run directory with "
+                            f"{CHECKPOINT_NAME}")
     return path
 
 
@@ -157,7 +161,8 @@ def _link_atomically(source: Path, target: Path) -> None:
 def rng_state() -> dict[str, Any]:
     """Every random state training draws from, as weights_only-loadable values."""
     numpy_state = np.random.get_bit_generator().state
-    numpy_state["state"] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in numpy_state["state"].items()}
+    numpy_state["state"] = {k: v.tolist() if isinstance(v, np.ndarray) else v
+                            for k, v in numpy_state["state"].items()}
     return {
         "python": random.getstate(),
         "numpy": numpy_state,
@@ -186,24 +191,29 @@ def _tuples(value: Any) -> Any:
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", which: Literal["latest", "best"] = "latest"
 ) -> dict[str, Any]:
-    """Read a checkpoint file, or a run directory's latest or best, refusing anything that needs unpickling."""
+    """Read a checkpoint file, or a run directory's latest or best, refusing anything that needs
+    unpickling."""
     path = checkpoint_file(path, which)
     kind = _file_kind(path)
     try:
-        # mmap (zip checkpoints only): tensors are read from the file as they are used, not all into memory first
+        # mmap (zip checkpoints only): tensors are read from the file as they are used, not all into memory
+        # first
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GptforgeError(
             f"{path} is not a safe checkpoint: loading it would unpickle arbitrary objects ({reason}); "
-            "gptforge never does that. Re-save its tensors with torch.save of plain dicts in a trusted environment"
+            "gptforge never does that. Re-save its tensors with torch.save of plain dicts in a trusted "
+            "environment"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         what = {"zip": "a damaged zip archive", "pickle": "a pickle but not one torch.save wrote"}[kind]
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GptforgeError(f"{path} is not a readable checkpoint: it is {what} ({reason})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_args"), dict) or "model" not in ckpt:
-        raise GptforgeError(f"{path} is not a gptforge or nanoGPT checkpoint: it lacks 'model_args' and 'model'")
+        raise GptforgeError(
+            f"{path} is not a gptforge or nanoGPT checkpoint: it lacks 'model_args' and 'model'"
+        )
     return ckpt
 
 
@@ -213,18 +223,21 @@ def _file_kind(path: Path) -> Literal["zip", "pickle"]:
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise GptforgeError(f"{path} is not a readable checkpoint: it is empty (0 bytes), its write never finished; "
-                            "use another checkpoint or retrain")
+        raise GptforgeError(f"{path} is not a readable checkpoint: it is empty (0 bytes), its write never "
+                            "finished; use another checkpoint or retrain")
     if head.startswith(b"PK"):
         if not zipfile.is_zipfile(path):
-            raise GptforgeError(f"{path} is not a readable checkpoint: it is truncated, a zip archive without its end "
-                                "(was it still being written or copied?); use another checkpoint or retrain")
+            raise GptforgeError(f"{path} is not a readable checkpoint: it is truncated, a zip archive "
+                                "without its end (was it still being written or copied?); use another "
+                                "checkpoint or retrain")
         return "zip"
-    if head.startswith(LEGACY_HEAD):  # torch.save's legacy format: a protocol-2 pickle of its magic number first
+    # torch.save's legacy format: a protocol-2 pickle of its magic number first
+    if head.startswith(LEGACY_HEAD):
         return "pickle"
     if head[0] == 0x80:  # a pickle's protocol opcode
         raise GptforgeError(f"{path} is not a readable checkpoint: it is a plain pickle (pickle.dump), not "
-                            "torch.save's format, and gptforge never unpickles one; re-save it with torch.save")
+                            "torch.save's format, and gptforge never unpickles one; re-save it with "
+                            "torch.save")
     raise GptforgeError(f"{path} is not a readable checkpoint: it is neither torch.save's zip format nor its "
                         "legacy one")
 
@@ -237,12 +250,14 @@ def load_model(
 
 
 def saved_model_args(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's `GPTConfig` fields. nanoGPT's carry no `gelu_approximate`: nanoGPT always trained with the
-    exact erf GELU, so a missing field means "none"."""
+    """A checkpoint's `GPTConfig` fields. nanoGPT's carry no `gelu_approximate`: nanoGPT always trained with
+    the exact erf GELU, so a missing field means "none"."""
     return {"gelu_approximate": "none", **ckpt["model_args"]}
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, override_args: dict[str, Any] | None = None) -> GPT:
+def model_from_checkpoint(
+    ckpt: dict[str, Any], path: str | Path, override_args: dict[str, Any] | None = None
+) -> GPT:
     """The `GPT` of a checkpoint already read from `path` (named in errors).
 
     `override_args` replaces config fields (e.g. `{"dropout": 0.0}`).

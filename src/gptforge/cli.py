@@ -1,6 +1,6 @@
 """The `gptforge` command: argument wiring only; each subcommand's work lives in its own module, imported when
-that subcommand runs (so `gptforge --help` loads no torch model code). This is the one place where errors become
-a line on stderr and exit status 2."""
+that subcommand runs (so `gptforge --help` loads no torch model code). This is the one place where errors
+become a line on stderr and exit status 2."""
 
 import os
 import sys
@@ -47,7 +47,8 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
 
 
 def _parse(argv: list[str], head: str, defaults: T, positional: int = 0) -> tuple[list[str], T] | None:
-    """The positional arguments and options of a command configured by a dataclass; None once --help printed."""
+    """The positional arguments and options of a command configured by a dataclass; None once --help
+    printed."""
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage(head, defaults))
         return None
@@ -66,15 +67,20 @@ def _prepare(argv: list[str]) -> None:
         return
     positional, overrides = split_args(argv)
     if len(positional) != 1:
-        raise GptforgeError("name one dataset: gptforge prepare NAME [--key=value ...] (see gptforge prepare --help)")
+        raise GptforgeError(
+            "name one dataset: gptforge prepare NAME [--key=value ...] (see gptforge prepare --help)"
+        )
     dataset = get_dataset(positional[0])
     meta = dataset.prepare(apply_overrides(dataset.options(), overrides))
     counts = ", ".join(f"{split} {count:,}" for split, count in meta.tokens.items())
-    print(f"{meta.dataset}: {counts} tokens ({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
+    print(f"{meta.dataset}: {counts} tokens "
+          f"({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
 
 
-CONFIG_FILES = """CONFIG: TOML files (see configs/) or nanoGPT config/*.py files (read as data, never run), applied in
-order, then the --key=value options."""
+CONFIG_FILES = (
+    "CONFIG: TOML files (see configs/) or nanoGPT config/*.py files (read as data, never run), applied in\n"
+    "order, then the --key=value options."
+)
 TRAIN_USAGE = f"""usage: gptforge train [CONFIG ...] [--key=value ...]
 
 {CONFIG_FILES} --init_from=resume --out_dir=DIR continues a run from its own saved config.
@@ -105,7 +111,8 @@ def _sample(argv: list[str]) -> None:
 def _eval(argv: list[str]) -> None:
     from gptforge.evaluate import EvalOptions, evaluate
 
-    head = "usage: gptforge eval --task=val|wikitext2|lambada|hellaswag [--out_dir=RUN | --init_from=gpt2|DIR]"
+    head = ("usage: gptforge eval --task=val|wikitext2|lambada|hellaswag "
+            "[--out_dir=RUN | --init_from=gpt2|DIR]")
     if parsed := _parse(argv, head, EvalOptions()):
         evaluate(parsed[1])
 
@@ -144,15 +151,19 @@ def _serve(argv: list[str]) -> None:
     except ModuleNotFoundError as e:
         if e.name not in ("fastapi", "uvicorn"):
             raise
-        raise GptforgeError(f"serving needs {e.name}, which is not installed: pip install 'gptforge[serve]'") from None
+        raise GptforgeError(
+            f"serving needs {e.name}, which is not installed: pip install 'gptforge[serve]'"
+        ) from None
 
-    head = "usage: gptforge serve [--out_dir=RUN | --init_from=gpt2*|DIR] [--host=127.0.0.1] [--port=8000] ..."
+    head = ("usage: gptforge serve [--out_dir=RUN | --init_from=gpt2*|DIR] "
+            "[--host=127.0.0.1] [--port=8000] ...")
     if parsed := _parse(argv, head, ServeOptions()):
         serve(parsed[1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; user errors print one line to stderr and exit 2 (GPTFORGE_DEBUG=1 shows tracebacks)."""
+    """Run one subcommand; user errors print one line to stderr and exit 2 (GPTFORGE_DEBUG=1 shows
+    tracebacks)."""
     argv = sys.argv[1:] if argv is None else argv
     commands = _commands()
     listing = "\n".join(f"  {name:<10} {help_}" for name, (help_, _) in commands.items())
@@ -161,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in commands:
-        print(f"gptforge: error: unknown command {name!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
+        print(f"gptforge: error: unknown command {name!r}; choose one of: {', '.join(commands)}",
+              file=sys.stderr)
         return 2
     label = f"gptforge {name}"
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun every process reports: say which

@@ -1,8 +1,8 @@
-"""Training configuration: `TrainConfig` and the config files that set it (TOML, or nanoGPT's Python files read
-as data, never executed), applied in order before the command line's `--key=value` options (options.py).
+"""Training configuration: `TrainConfig` and the config files that set it (TOML, or nanoGPT's Python files
+read as data, never executed), applied in order before the command line's `--key=value` options (options.py).
 
-The model keys are GPTConfig's own (model.py): declared here with its types, checked by its rules, turned into a
-model by `TrainConfig.model_config`. This module knows options and files, nothing of training itself.
+The model keys are GPTConfig's own (model.py): declared here with its types, checked by its rules, turned into
+a model by `TrainConfig.model_config`. This module knows options and files, nothing of training itself.
 """
 
 import ast
@@ -19,7 +19,8 @@ from gptforge.errors import GptforgeError
 from gptforge.model import MODEL_KEYS, GeluApproximate, GPTConfig, Mlp, Norm, PosEmb
 from gptforge.options import apply_overrides, closest_key, option
 
-# torch.compile's modes; "max-autotune-no-cudagraphs" also tunes the matmuls (Inductor's C++ GEMM templates on CPU)
+# torch.compile's modes; "max-autotune-no-cudagraphs" also tunes the matmuls (Inductor's C++ GEMM templates on
+# CPU)
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -33,8 +34,12 @@ class TrainConfig:
     log_interval: int = option(1, "print and log the training loss every this many iterations")
     eval_iters: int = option(200, "batches per split in each evaluation")
     eval_only: bool = option(False, "evaluate once and exit")
-    always_save_checkpoint: bool = option(True, "also write the latest checkpoint when val loss did not improve")
-    init_from: str = option("scratch", "scratch, resume (the run in out_dir), gpt2* or a local HF GPT-2 directory")
+    always_save_checkpoint: bool = option(
+        True, "also write the latest checkpoint when val loss did not improve"
+    )
+    init_from: str = option(
+        "scratch", "scratch, resume (the run in out_dir), gpt2* or a local HF GPT-2 directory"
+    )
     # wandb logging
     wandb_log: bool = option(False, "log to Weights & Biases (needs gptforge[wandb])")
     wandb_project: str = option("owt", "the wandb project")
@@ -42,7 +47,9 @@ class TrainConfig:
     # data
     dataset: str = option("openwebtext", "the prepared dataset: DATA_DIR/DATASET")
     data_dir: str = option("data", "gptforge: where prepared datasets live")
-    gradient_accumulation_steps: int = option(5 * 8, "micro-steps per optimizer step, over all processes together")
+    gradient_accumulation_steps: int = option(
+        5 * 8, "micro-steps per optimizer step, over all processes together"
+    )
     batch_size: int = option(12, "micro-batch size: rows per micro-step per process")
     block_size: int = option(1024, "context length: tokens per row")
     # model
@@ -66,34 +73,48 @@ class TrainConfig:
     # system
     backend: str = option("auto", "torch.distributed backend: nccl, gloo; auto picks by device")
     device: str = option("auto", "cpu, cuda, cuda:1, mps; auto: cuda, else mps, else cpu")
-    dtype: str = option("auto", "float32, bfloat16, float16; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU")
+    dtype: str = option(
+        "auto", "float32, bfloat16, float16; auto: bf16 on CUDA if supported, else fp16; fp32 on CPU"
+    )
     compile: bool | None = option(None, "torch.compile the model (None: on CUDA only; slower on a CPU)")
     compile_mode: CompileMode = option("default", "torch.compile's mode")
     # gptforge
     seed: int = option(1337, "gptforge: seeds the initial weights, the batches and dropout")
     keep_last: int = option(0, "gptforge: older checkpoints kept besides the latest and the best")
     parallelism: typing.Literal["ddp", "fsdp"] = option("ddp", "gptforge: under torchrun, DDP or FSDP2")
-    # gptforge: modern architecture (model.GPTConfig; the defaults are GPT-2) and optimizer, see docs/speedrun.md
+    # gptforge: modern architecture (model.GPTConfig; the defaults are GPT-2) and optimizer, see
+    # docs/speedrun.md
     pos_emb: PosEmb = option("learned", "gptforge: positions: learned embeddings (GPT-2) or rope")
     norm: Norm = option("layernorm", "gptforge: layernorm (GPT-2) or rmsnorm")
     mlp: Mlp = option("gelu", "gptforge: the feed-forward: gelu (GPT-2), relu2 or swiglu")
-    gelu_approximate: GeluApproximate = option("tanh", "gptforge: GPT-2's tanh GELU; none: nanoGPT's exact erf")
+    gelu_approximate: GeluApproximate = option(
+        "tanh", "gptforge: GPT-2's tanh GELU; none: nanoGPT's exact erf"
+    )
     qk_norm: bool = option(False, "gptforge: RMS-normalise queries and keys before attention")
     tie_embeddings: bool = option(True, "gptforge: the output head is the token embedding")
     logit_softcap: float | None = option(None, "gptforge: logits become cap * tanh(logits / cap)")
     zero_init_proj: bool = option(False, "gptforge: residual projections start at zero")
-    optimizer: typing.Literal["adamw", "muon"] = option("adamw", "gptforge: adamw, or muon for the hidden matrices")
-    muon_lr: float = option(0.02, "gptforge: peak LR of Muon's hidden matrices (learning_rate drives AdamW's)")
+    optimizer: typing.Literal["adamw", "muon"] = option(
+        "adamw", "gptforge: adamw, or muon for the hidden matrices"
+    )
+    muon_lr: float = option(
+        0.02, "gptforge: peak LR of Muon's hidden matrices (learning_rate drives AdamW's)"
+    )
     muon_momentum: float = option(0.95, "gptforge: Muon's momentum")
-    embed_lr: float | None = option(None, "gptforge: muon only: AdamW LR of the embeddings (None: learning_rate)")
-    head_lr: float | None = option(None, "gptforge: muon only: AdamW LR of the output head (None: learning_rate)")
-    lr_schedule: typing.Literal["cosine", "wsd"] = option("cosine", "gptforge: cosine, or wsd (warm-up, stable, "
-                                                          "linear decay)")
+    embed_lr: float | None = option(
+        None, "gptforge: muon only: AdamW LR of the embeddings (None: learning_rate)"
+    )
+    head_lr: float | None = option(
+        None, "gptforge: muon only: AdamW LR of the output head (None: learning_rate)"
+    )
+    lr_schedule: typing.Literal["cosine", "wsd"] = option(
+        "cosine", "gptforge: cosine, or wsd (warm-up, stable, linear decay)"
+    )
     cooldown_frac: float = option(0.4, "gptforge: wsd: the share of max_iters spent decaying to min_lr")
 
     def __post_init__(self) -> None:
-        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd")
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptforgeError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -110,14 +131,15 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model these options describe, for a vocabulary of `vocab_size` tokens."""
         try:
-            return GPTConfig(**{k: getattr(self, k) for k in MODEL_KEYS}, vocab_size=vocab_size, dropout=self.dropout)
+            return GPTConfig(**{k: getattr(self, k) for k in MODEL_KEYS}, vocab_size=vocab_size,
+                             dropout=self.dropout)
         except ValueError as e:  # GPTConfig names its field: say it as the option
             raise GptforgeError(str(e).replace("GPTConfig.", "--")) from None
 
 
 def _check_model_keys() -> None:
-    """TrainConfig declares every model key with GPTConfig's type: a key added to one but not the other fails here,
-    at import, instead of being ignored by training."""
+    """TrainConfig declares every model key with GPTConfig's type: a key added to one but not the other fails
+    here, at import, instead of being ignored by training."""
     ours, model = typing.get_type_hints(TrainConfig), typing.get_type_hints(GPTConfig)
     wrong = [k for k in (*MODEL_KEYS, "dropout") if ours.get(k) != model[k]]
     if wrong:
@@ -129,8 +151,8 @@ _check_model_keys()
 
 def read_toml(path: Path, valid: typing.Collection[str] | None = None) -> dict[str, Any]:
     """A TOML config file's keys; tables are flattened (`[model] n_layer = 4` gives `n_layer`), so a file may
-    group its keys as it likes. With `valid`, a key outside it is an error naming its table and the closest key,
-    because once flattened the table would be lost from the message."""
+    group its keys as it likes. With `valid`, a key outside it is an error naming its table and the closest
+    key, because once flattened the table would be lost from the message."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
@@ -141,7 +163,9 @@ def read_toml(path: Path, valid: typing.Collection[str] | None = None) -> dict[s
         for name, item in items.items():
             in_table = f" (in table [{table}])" if table else ""
             if isinstance(item, dict):
-                raise GptforgeError(f"{path}: table [{table}.{name}] is nested too deep; tables hold keys only")
+                raise GptforgeError(
+                    f"{path}: table [{table}.{name}] is nested too deep; tables hold keys only"
+                )
             if valid is not None and name not in valid:
                 raise GptforgeError(f"unknown option --{name}{in_table} in {path}{closest_key(name, valid)}")
             if name in flat:
@@ -163,17 +187,22 @@ def read_nanogpt_config(path: Path) -> dict[str, Any]:
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Import | ast.ImportFrom) or (
-            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)  # docstrings, comments as strings
+            # docstrings, comments as strings
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
         ):
             continue
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            warnings.warn(f"{path}:{node.lineno}: skipped a statement that is not a plain assignment", stacklevel=2)
+        if not (
+            isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        ):
+            warnings.warn(f"{path}:{node.lineno}: skipped a statement that is not a plain assignment",
+                          stacklevel=2)
             continue
         try:
             values[node.targets[0].id] = _literal_arithmetic(node.value)
         except (ValueError, TypeError, ArithmeticError):  # not a literal, unhashable, 1 / 0, overflow
             warnings.warn(
-                f"{path}:{node.lineno}: skipped {node.targets[0].id} = {ast.unparse(node.value)} (not a literal)",
+                f"{path}:{node.lineno}: skipped {node.targets[0].id} = {ast.unparse(node.value)} "
+                "(not a literal)",
                 stacklevel=2,
             )
     return values
@@ -197,7 +226,9 @@ def _literal_arithmetic(node: ast.expr) -> Any:
     return ast.literal_eval(node)
 
 
-def load_train_config(files: list[str], overrides: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+def load_train_config(
+    files: list[str], overrides: dict[str, Any], base: TrainConfig | None = None
+) -> TrainConfig:
     """TrainConfig from `base` (default: the defaults), then each config file in order (TOML or nanoGPT .py),
     then the overrides."""
     cfg = base or TrainConfig()

@@ -1,5 +1,6 @@
-"""Errors a user can fix: `GptforgeError`, the one exception type for them, and `explain`, which turns the failures
-of the machine itself (a path that cannot be written, memory that runs out) into the same one-line kind.
+"""Errors a user can fix: `GptforgeError`, the one exception type for them, and `explain`, which turns the
+failures of the machine itself (a path that cannot be written, memory that runs out) into the same one-line
+kind.
 
 The CLI prints either on one line, no traceback. This module knows exceptions, nothing of what raised them.
 """
@@ -27,8 +28,8 @@ class GptforgeError(Exception):
 
 
 def explain(e: BaseException, memory_knobs: str) -> str | None:
-    """A one-line message for an OS error a user can fix or for running out of memory (`memory_knobs` names the
-    options that shrink what the command holds); None for anything else."""
+    """A one-line message for an OS error a user can fix or for running out of memory (`memory_knobs` names
+    the options that shrink what the command holds); None for anything else."""
     if isinstance(e, OSError) and e.errno in OS_FIXES:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{(e.strerror or type(e).__name__).lower()}; {OS_FIXES[e.errno]}"

@@ -3,8 +3,8 @@
 - `hf`: a Hugging Face GPT-2 directory (`config.json`, `generation_config.json`, `model.safetensors`) that
   `transformers.GPT2LMHeadModel.from_pretrained` loads as the same function, and the run's tokenizer as
   `AutoTokenizer` loads it (`tokenizer.json`, `tokenizer_config.json`; hf.py does both conversions).
-- `safetensors`: gptforge's own state dict (nn.Linear layout, the tied head stored once) as `model.safetensors`
-  plus `config.json` holding the `GPTConfig`, read back by `load_export`.
+- `safetensors`: gptforge's own state dict (nn.Linear layout, the tied head stored once) as
+  `model.safetensors` plus `config.json` holding the `GPTConfig`, read back by `load_export`.
 
 Both also write `gptforge_tokenizer.json` (and a trained BPE's `tokenizer.json`), so that `gptforge sample
 --init_from=DIR` decodes an exported char or BPE model with its own vocabulary instead of GPT-2's.
@@ -33,14 +33,18 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "gptforge_tokenizer.json"
 FORMAT = "gptforge"  # config.json's "format" in a safetensors export; HF's config.json has none
-TIED_HEAD = "lm_head.weight"  # when tied, the same tensor as transformer.wte.weight; safetensors stores no aliases
+# when tied, the same tensor as transformer.wte.weight; safetensors stores no aliases
+TIED_HEAD = "lm_head.weight"
 
 
 @dataclass
 class ExportOptions:
-    out_dir: str = field(default="out", metadata={"help": "the run directory (or a checkpoint file) to export"})
+    out_dir: str = field(
+        default="out", metadata={"help": "the run directory (or a checkpoint file) to export"}
+    )
     format: Literal["hf", "safetensors"] = field(
-        default="hf", metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict"}
+        default="hf",
+        metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict"},
     )
     to: str = field(default="", metadata={"help": "output directory (required)"})
     which: Literal["best", "latest"] = field(default="best", metadata={"help": "which checkpoint of the run"})
@@ -48,7 +52,8 @@ class ExportOptions:
         default=None, metadata={"help": "where the run's dataset lives, if not where it was trained"}
     )
     mirror: str | None = field(
-        default=None, metadata={"help": "local mirror of the tokenizer files (default: $GPTFORGE_DATA_MIRROR)"}
+        default=None,
+        metadata={"help": "local mirror of the tokenizer files (default: $GPTFORGE_DATA_MIRROR)"},
     )
 
 
@@ -72,10 +77,12 @@ def save_export(model: GPT, directory: str | Path) -> None:
     """gptforge's state dict as `model.safetensors` and its `GPTConfig` as `config.json`, both atomically."""
     directory = Path(directory)
     tied = model.config.tie_embeddings
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == TIED_HEAD)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == TIED_HEAD)}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = {"format": FORMAT, "gptforge_version": __version__, "model_args": dataclasses.asdict(model.config)}
+    config = {"format": FORMAT, "gptforge_version": __version__,
+              "model_args": dataclasses.asdict(model.config)}
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face GPT-2 interop: load HF GPT-2 checkpoints into `GPT` and export `GPT` as an HF directory, with the
-tokenizer files that make `AutoTokenizer` and `pipeline("text-generation", ...)` work on it.
+"""Hugging Face GPT-2 interop: load HF GPT-2 checkpoints into `GPT` and export `GPT` as an HF directory, with
+the tokenizer files that make `AutoTokenizer` and `pipeline("text-generation", ...)` work on it.
 
 Reads and writes the files themselves (config.json + safetensors, or a weights-only pytorch_model.bin), so
 neither direction needs `transformers`; the hub is reached through `huggingface_hub` only for a model name.
@@ -43,14 +43,17 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # HF activation names and the nn.GELU approximation each one is.
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 LAYER_NORM_EPS = 1e-5
-# The GPTConfig fields GPT-2's config.json expresses (bias=False as zero biases), and those that change only the
-# initialisation, not the function (a model trained with them exports). Every other field changes the network,
-# and GPT2LMHeadModel is only its GPT-2 default: an export of any other value is refused, naming it.
-HF_EXPRESSES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu_approximate")
+# The GPTConfig fields GPT-2's config.json expresses (bias=False as zero biases), and those that change only
+# the initialisation, not the function (a model trained with them exports). Every other field changes the
+# network, and GPT2LMHeadModel is only its GPT-2 default: an export of any other value is refused, naming it.
+HF_EXPRESSES = (
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu_approximate"
+)
 INIT_ONLY = ("zero_init_proj",)
 ARCHITECTURE_OPTIONS = tuple(f.name for f in fields(GPTConfig) if f.name not in (*HF_EXPRESSES, *INIT_ONLY))
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
-UNKNOWN_CHAR = "[UNK]"  # WordLevel needs an unknown token; absent from the vocabulary, an unknown char is an error
+# WordLevel needs an unknown token; absent from the vocabulary, an unknown char is an error
+UNKNOWN_CHAR = "[UNK]"
 
 
 def resolve_pretrained(name_or_dir: str | Path) -> Path:
@@ -72,8 +75,8 @@ def resolve_pretrained(name_or_dir: str | Path) -> Path:
     except Exception as e:  # offline, DNS failure, no cache: huggingface_hub raises many kinds
         raise GptforgeError(
             f"cannot fetch {name} from the Hugging Face hub ({type(e).__name__}); without network, download "
-            f"{PRETRAINED[name]} elsewhere (config.json and model.safetensors) and pass its directory instead "
-            f"of {name!r}"
+            f"{PRETRAINED[name]} elsewhere (config.json and model.safetensors) and pass its directory "
+            f"instead of {name!r}"
         ) from None
 
 
@@ -123,8 +126,8 @@ def load_hf_gpt2(name_or_dir: str | Path, override_args: dict[str, Any] | None =
     override_args = override_args or {}
     if set(override_args) - {"dropout"}:
         raise GptforgeError(
-            f"only dropout can be overridden for a pretrained model, not {sorted(set(override_args) - {'dropout'})}; "
-            "shrink the context with model.crop_block_size(n)"
+            "only dropout can be overridden for a pretrained model, not "
+            f"{sorted(set(override_args) - {'dropout'})}; shrink the context with model.crop_block_size(n)"
         )
     directory = resolve_pretrained(name_or_dir)
     config = read_hf_config(directory)
@@ -144,10 +147,12 @@ def load_hf_gpt2(name_or_dir: str | Path, override_args: dict[str, Any] | None =
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
-        raise GptforgeError(f"{directory}: weights do not match GPT-2 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise GptforgeError(f"{directory}: weights do not match GPT-2 "
+                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
-            raise GptforgeError(f"{directory}: {key} has shape {tuple(value.shape)}, config.json implies {tuple(expected[key].shape)}")
+            raise GptforgeError(f"{directory}: {key} has shape {tuple(value.shape)}, "
+                                f"config.json implies {tuple(expected[key].shape)}")
     model.load_state_dict(state_dict)
     return model
 

@@ -73,8 +73,9 @@ class Progress:
 
 
 def run_config(files: list[str], overrides: dict[str, Any]) -> TrainConfig:
-    """The config of a `gptforge train` command line. A resumed run starts from the config it was saved with,
-    so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides then change what they name."""
+    """The config of a `gptforge train` command line. A resumed run starts from the config it was saved
+    with, so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides then change what they
+    name."""
     # which run: a resumed run's other options are checked against its saved config, not against the defaults
     where = load_train_config(files, {k: v for k, v in overrides.items() if k in ("init_from", "out_dir")})
     if where.init_from != "resume":
@@ -132,24 +133,28 @@ class Trainer:
             BatchSampler(len(data), cfg.block_size, 1, split=data.split)
         global_rows = cfg.batch_size * cfg.gradient_accumulation_steps
         self.batches = Batches(self.train_data, cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
-                               world_size=d.world_size, device=cfg.device, prefetch=self.device_type == "cuda")
+                               world_size=d.world_size, device=cfg.device,
+                               prefetch=self.device_type == "cuda")
         self.tokens_per_iter = global_rows * cfg.block_size
 
         ckpt = load_checkpoint(self.out_dir, which="latest") if cfg.init_from == "resume" else None
-        torch.manual_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them as they are)
+        # the same initial weights on every process (FSDP shards them as they are)
+        torch.manual_seed(cfg.seed)
         self.raw = self._build_model(ckpt).to(cfg.device)
         self._seed_everything()
         check_token_ids(self.meta.vocab_size - 1, self.raw.config.vocab_size, f"dataset {cfg.dataset}")
         self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
         self.optimizer = build_optimizer(
-            self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device_type,
-            muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, embed_lr=cfg.embed_lr, head_lr=cfg.head_lr,
+            self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+            self.device_type, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, embed_lr=cfg.embed_lr,
+            head_lr=cfg.head_lr,
         )
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
         self.progress = Progress()
         if ckpt is not None:
             self._restore(ckpt)
-        self.model: nn.Module = torch.compile(self.wrapped, mode=cfg.compile_mode) if cfg.compile else self.wrapped
+        self.model: nn.Module = (torch.compile(self.wrapped, mode=cfg.compile_mode) if cfg.compile
+                                 else self.wrapped)
 
     # -- set-up --
 
@@ -164,20 +169,26 @@ class Trainer:
         cfg = self.cfg
         if ckpt is not None:
             saved = GPTConfig.from_dict({**saved_model_args(ckpt), "dropout": cfg.dropout})
-            changed = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_KEYS if getattr(saved, k) != getattr(cfg, k)}
+            changed = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_KEYS
+                       if getattr(saved, k) != getattr(cfg, k)}
             if changed:
                 diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-                raise GptforgeError(f"cannot resume {self.out_dir}: the config changes the model shape ({diffs})")
+                raise GptforgeError(
+                    f"cannot resume {self.out_dir}: the config changes the model shape ({diffs})"
+                )
             return GPT(saved)
         if cfg.init_from == "scratch":
-            # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they are
+            # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they
+            # are
             vocab_size = 50304 if self.meta.tokenizer.get("kind") == "gpt2" else self.meta.vocab_size
             return GPT(cfg.model_config(vocab_size))
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         elif cfg.block_size > model.config.block_size:
-            raise GptforgeError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s {model.config.block_size}")
+            raise GptforgeError(
+                f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s {model.config.block_size}"
+            )
         # the run's config records the shape it really trains
         self.cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS})
         return model
@@ -188,7 +199,8 @@ class Trainer:
         base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
                        optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        # the saved groups carry the old run's peak LRs; this run's options decide them (e.g. a new --learning_rate)
+        # the saved groups carry the old run's peak LRs; this run's options decide them (e.g. a new
+        # --learning_rate)
         for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
             group["base_lr"] = base_lr
         if ckpt.get("scaler"):
@@ -205,7 +217,8 @@ class Trainer:
         """A run of nanoGPT's train.py: its weights, its AdamW state where this run's optimizer is the same
         (nanoGPT's groups are `configure_optimizers`' own) and its iteration. It saved no data position or RNG
         states: batches continue from its iteration, and the random streams start afresh."""
-        set_model_state_dict(self.wrapped, clean_state_dict(ckpt["model"]), options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(self.wrapped, clean_state_dict(ckpt["model"]),
+                             options=StateDictOptions(full_state_dict=True))
         restored = "its weights"
         optimizer_state = ckpt.get("optimizer")
         if self.cfg.optimizer == "adamw" and self.cfg.parallelism == "ddp" and optimizer_state:
@@ -214,15 +227,16 @@ class Trainer:
                 self.optimizer.load_state_dict(optimizer_state)
                 restored += " and AdamW state"
             except (ValueError, KeyError) as e:
-                warnings.warn(f"nanoGPT's optimizer state does not fit this model's ({e}); AdamW starts afresh",
-                              stacklevel=1)
+                warnings.warn(f"nanoGPT's optimizer state does not fit this model's ({e}); AdamW starts "
+                              "afresh", stacklevel=1)
             for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
                 group["base_lr"] = base_lr
         self.progress = Progress(iter_num=int(ckpt.get("iter_num", 0)),
                                  best_val_loss=float(ckpt.get("best_val_loss", math.inf)))
         if self.d.is_main:
-            tqdm.write(f"resuming nanoGPT's run at iter {self.progress.iter_num}: {restored}; it saved no data "
-                       "position or RNG state, so batches and random streams differ from an uninterrupted run")
+            tqdm.write(f"resuming nanoGPT's run at iter {self.progress.iter_num}: {restored}; it saved no "
+                       "data position or RNG state, so batches and random streams differ from an "
+                       "uninterrupted run")
 
     # -- the loop --
 
@@ -234,10 +248,12 @@ class Trainer:
             atomic_write_text(self.out_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
             print(f"config: {self.out_dir / 'config.json'}")
             print(f"tokens per iteration: {self.tokens_per_iter:,} "
-                  f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps} accumulation steps)")
-            print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, {cfg.dtype}, "
-                  f"{d.world_size} process(es), {cfg.parallelism if d.enabled else 'single'}")
-        log = MetricsLog(self.out_dir, resume_iter=p.iter_num if cfg.init_from == "resume" else None) if d.is_main else None
+                  f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps} "
+                  "accumulation steps)")
+            print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, "
+                  f"{cfg.dtype}, {d.world_size} process(es), {cfg.parallelism if d.enabled else 'single'}")
+        log = (MetricsLog(self.out_dir, resume_iter=p.iter_num if cfg.init_from == "resume" else None)
+               if d.is_main else None)
         wandb = self._wandb() if cfg.wandb_log and d.is_main else None
         stop = {"requested": False}
         previous_handlers = {sig: signal.signal(sig, lambda *_: stop.update(requested=True))
@@ -245,7 +261,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_iters, initial=p.iter_num, disable=None if d.is_main else True, desc="train",
                    dynamic_ncols=True)
         running_mfu = -1.0
-        resumed_at = p.iter_num if cfg.init_from == "resume" else None  # its eval is in the checkpoint already
+        # its eval is in the checkpoint already
+        resumed_at = p.iter_num if cfg.init_from == "resume" else None
         try:
             while True:
                 it = p.iter_num
@@ -264,7 +281,8 @@ class Trainer:
                         break
                 if distrib.any_rank(stop["requested"], d):
                     self._save(best=False)
-                    bar.write(f"stopped at iter {it}; continue with --init_from=resume --out_dir={cfg.out_dir}")
+                    bar.write(f"stopped at iter {it}; continue with --init_from=resume "
+                              f"--out_dir={cfg.out_dir}")
                     break
 
                 t0 = time.perf_counter()
@@ -279,11 +297,13 @@ class Trainer:
                 if it % cfg.log_interval == 0:
                     if not math.isfinite(loss_value):
                         raise GptforgeError(
-                            f"the training loss became {loss_value} at iter {it}; stopped without saving, the last "
-                            f"checkpoint in {cfg.out_dir} is intact (try a lower --learning_rate or --dtype=bfloat16)"
+                            f"the training loss became {loss_value} at iter {it}; stopped without saving, "
+                            f"the last checkpoint in {cfg.out_dir} is intact (try a lower --learning_rate or "
+                            "--dtype=bfloat16)"
                         )
                     if it >= 5:  # let the first iterations (compilation) pass
-                        mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=self.compute_dtype())
+                        mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt,
+                                                    dtype=self.compute_dtype())
                         if mfu is not None:
                             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                     self._log_step(log, bar, it, loss_value, lr, dt, running_mfu)
@@ -299,7 +319,8 @@ class Trainer:
         return p
 
     def lr_factor(self, it: int) -> float:
-        """The schedule at iteration `it` as a fraction of the peak: every param group's LR is its peak times it."""
+        """The schedule at iteration `it` as a fraction of the peak: every param group's LR is its peak
+        times it."""
         cfg = self.cfg
         if not cfg.decay_lr:
             return 1.0
@@ -358,8 +379,8 @@ class Trainer:
                 log.write({"iter": p.iter_num, "elapsed_s": p.elapsed_s, "train_loss": losses["train"],
                            "val_loss": losses["val"]})
             if wandb is not None:
-                wandb.log({"iter": p.iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
-                           "mfu": mfu * 100})
+                wandb.log({"iter": p.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
+                           "lr": lr, "mfu": mfu * 100})
         if not all(math.isfinite(v) for v in losses.values()):
             raise GptforgeError(
                 f"the eval loss became non-finite at iter {p.iter_num}; stopped without saving, the last "
@@ -411,15 +432,18 @@ class Trainer:
             tqdm.write(f"iter {it}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
                        f"{tokens_per_sec:,.0f} tok/s{mfu_text}")
         else:  # the bar carries the latest step; evaluations still print their lines above it
-            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s{mfu_text}", refresh=False)
+            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s{mfu_text}",
+                                refresh=False)
         if log is not None:
-            log.write({"iter": it, "loss": loss, "lr": lr, "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec,
-                       "elapsed_s": self.progress.elapsed_s, "mfu": mfu if mfu >= 0 else None})
+            log.write({"iter": it, "loss": loss, "lr": lr, "dt_ms": dt * 1000,
+                       "tokens_per_sec": tokens_per_sec, "elapsed_s": self.progress.elapsed_s,
+                       "mfu": mfu if mfu >= 0 else None})
 
     def _wandb(self) -> Any:
         try:
             import wandb
         except ImportError:
             raise GptforgeError("--wandb_log=True needs wandb: pip install 'gptforge[wandb]'") from None
-        wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name, config=dataclasses.asdict(self.cfg))
+        wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
+                   config=dataclasses.asdict(self.cfg))
         return wandb
