@@ -22,6 +22,7 @@ import pytest
 import torch
 from mirror_data import needs_mirror
 
+from gptforge.serve.api import APIError
 from gptforge.serve.app import create_app
 from gptforge.serve.engine import Engine
 from gptforge.serve.server import ServeOptions, serve_in_thread
@@ -185,9 +186,12 @@ def test_sixteen_streaming_clients_at_once(client, served):
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The error of a `status` answer, which must be JSON in OpenAI's shape."""
     assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json", response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    assert error["message"]
     return error
 
 
@@ -334,16 +338,6 @@ def connection_of(response: httpx.Response) -> tuple[str, int]:
     return response.extensions["network_stream"].get_extra_info("client_addr")
 
 
-def assert_openai_error(response: httpx.Response) -> dict[str, Any]:
-    """A 4xx in OpenAI's shape, on a connection the server keeps open."""
-    assert 400 <= response.status_code < 500, response.text
-    assert response.headers["content-type"] == "application/json" and "close" not in response.headers.get(
-        "connection", "")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
 @pytest.mark.parametrize("body", [
     b'{"prompt": "\\ud800"}',
     b'{"prompt": "a\\udfffb"}',  # a lone trailing surrogate
@@ -362,8 +356,7 @@ def assert_openai_error(response: httpx.Response) -> dict[str, Any]:
 def test_text_that_is_no_text_is_a_400_and_the_connection_lives(client, body):
     """Any bytes a client sends get an OpenAI-shaped answer and leave its keep-alive connection working."""
     bad = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
-    error = assert_openai_error(bad)
-    assert bad.status_code == 400 and "could not parse the JSON body" in error["message"]
+    assert "could not parse the JSON body" in error_of(bad, 400)["message"]
     good = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert good.status_code == 200 and connection_of(good) == connection_of(bad)
 
@@ -426,7 +419,7 @@ def test_underflowing_temperature_or_top_p_is_greedy(client, sampling):
     ("logit_bias", {"50256": "1"}, "valid number"),
 ])
 def test_types_are_strict_as_openais(client, field, value, message):
-    error = assert_openai_error(client.post("/v1/completions", json={"prompt": "hi", field: value}))
+    error = error_of(client.post("/v1/completions", json={"prompt": "hi", field: value}), 422)
     assert error["param"] == field and message in error["message"] and error["code"] == "invalid_value"
 
 
@@ -435,7 +428,7 @@ def test_an_integer_is_a_number_and_nan_is_none(client):
     for field in ("temperature", "top_p", "frequency_penalty"):
         for number in ("NaN", "Infinity", "-Infinity", "1e999"):
             body = f'{{"prompt": "hi", "{field}": {number}}}'.encode()
-            error = assert_openai_error(client.post("/v1/completions", content=body))
+            error = error_of(client.post("/v1/completions", content=body), 422)
             assert error["param"] == field and "finite number" in error["message"]
 
 
@@ -451,18 +444,19 @@ def test_a_json_body_is_json_whatever_its_content_type(client, content_type):
     assert response.status_code == 200, response.text
     greedy = complete(client, max_tokens=8, temperature=0)["choices"][0]["text"]
     assert response.json()["choices"][0]["text"] == greedy
-    form = client.post("/v1/completions", data={"prompt": "hi"})  # a real form is no JSON: say so
-    assert "could not parse the JSON body" in assert_openai_error(form)["message"]
 
 
-def test_head_health_and_retry_after(client):
+def test_a_form_is_no_json_and_the_error_says_so(client):
+    form = client.post("/v1/completions", data={"prompt": "hi", "max_tokens": "2"})
+    assert "could not parse the JSON body" in error_of(form, 400)["message"]
+
+
+def test_head_health_and_every_429_says_when_to_retry(client):
     head = client.head("/health")
     assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/json")
     assert client.get("/health").json()["status"] == "ok"
     assert client.head("/v1/completions").status_code == 405
-    from gptforge.serve.api import APIError
-
-    assert APIError(429, "busy").response().headers["retry-after"] == "1"
+    assert APIError(429, "busy").response().headers["retry-after"] == "1"  # every 429 is an APIError's
     assert "retry-after" not in APIError(400, "bad").response().headers
 
 
@@ -479,39 +473,50 @@ def test_a_bug_is_still_a_json_500(client, served, monkeypatch):
     assert client.get("/health").status_code == 200
 
 
-def closed_within(sock: socket.socket, seconds: float) -> float:
-    """Seconds until the server closes `sock` (sending nothing); fails after `seconds`."""
-    start = time.monotonic()
+def closed_within(sock: socket.socket, seconds: float) -> tuple[float, bytes]:
+    """Seconds until the server closes `sock`, and what it sent until then; fails after `seconds`."""
+    start, received = time.monotonic(), b""
     sock.settimeout(seconds)
     with contextlib.suppress(ConnectionResetError):
-        assert sock.recv(1024) == b""
-    return time.monotonic() - start
+        while chunk := sock.recv(4096):
+            received += chunk
+    return time.monotonic() - start, received
+
+
+@pytest.fixture(scope="module")
+def impatient(model_dir) -> Iterator[tuple[str, Any]]:
+    """A server whose clients have half a second to send each request."""
+    with server(model_dir, request_timeout=0.5) as running:
+        yield running
 
 
 @pytest.mark.parametrize("sent", [
-    b"",  # connects and says nothing
-    b"POST /v1/comp",  # half a request line
-    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers, never ended
-    b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{"prompt": ',  # half a body
+    b"",
+    b"POST /v1/comp",
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{"prompt": ',
     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"pro\r\n",
-])
-def test_a_client_that_stalls_is_cut_off(model_dir, sent):
-    with server(model_dir, request_timeout=0.5) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port)) as stalled:
-            stalled.sendall(sent)
-            assert 0.4 < closed_within(stalled, 5) < 2
-        assert client.get("/health").status_code == 200
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # answered, then idle
+], ids=["nothing", "half a request line", "headers never ended", "half a body", "half a chunked body",
+        "idle after a response"])
+def test_a_client_that_stalls_is_cut_off(impatient, sent):
+    url, _ = impatient
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as stalled:
+        stalled.sendall(sent)
+        seconds, received = closed_within(stalled, 5)
+    assert 0.4 < seconds < 2
+    assert received.startswith(b"HTTP/1.1 200 OK") if sent.endswith(b"\r\n\r\n") else received == b""
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
-def test_a_request_trickled_byte_by_byte_is_cut_off_and_the_rest_is_served(model_dir):
+def test_a_request_trickled_byte_by_byte_is_cut_off_and_the_rest_is_served(impatient):
+    url, app = impatient
     with (
-        server(model_dir, request_timeout=0.5) as (url, app),
         httpx.Client(base_url=url, timeout=10) as client,
         socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as trickle,
     ):
         start = time.monotonic()
-        with pytest.raises(OSError):  # each byte resets uvicorn's keep-alive timer, not the request's deadline
+        with pytest.raises(OSError):  # each byte resets uvicorn's keep-alive timer, not the deadline
             for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
                 trickle.sendall(bytes([byte]))
                 time.sleep(0.05)

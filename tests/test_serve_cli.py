@@ -14,6 +14,7 @@ import sys
 
 import httpx
 import pytest
+import torch
 from mirror_data import needs_mirror
 from test_serve import LONG, tiny_hf_dir
 
@@ -25,6 +26,8 @@ from gptforge.cli import main
     ("--max_batch=0", "--max_batch=0 must be at least 1"),
     ("--max_tokens_limit=0", "--max_tokens_limit=0 must be at least 1, or None"),
     ("--api_key=", "--api_key is empty"),
+    ("--request_timeout=0", "--request_timeout=0.0 must be > 0"),
+    ("--request_timeout=-1", "--request_timeout=-1.0 must be > 0"),
     ("--dtype=int8", "--dtype='int8' is not one of auto"),
     ("--batch_size=4", "batch_size"),
 ])
@@ -39,6 +42,7 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--host='127.0.0.1'", "--port=8000", "--max_batch=16", "--max_tokens_limit=None", "--api_key=None"):
         assert option in out
+    assert "--request_timeout=30.0" in out and "request's headers and body" in out
 
 
 def test_without_the_serve_extra_the_error_says_how_to_install_it(monkeypatch, capsys):
@@ -47,6 +51,23 @@ def test_without_the_serve_extra_the_error_says_how_to_install_it(monkeypatch, c
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == (
         "gptforge serve: error: serving needs fastapi, which is not installed: pip install 'gptforge[serve]'\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_fails_before_the_model_loads(tmp_path, capsys):
+    # the model does not exist: an error about it would mean it was looked for first
+    assert main(["serve", "--device=cuda", f"--init_from={tmp_path / 'no-such-model'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptforge serve: error: --device=cuda: ") and err.count("\n") == 1
+    assert "no-such-model" not in err
+
+
+@needs_mirror
+def test_a_max_tokens_limit_over_the_context_is_a_one_line_error(tmp_path, capsys):
+    model_dir = tiny_hf_dir(tmp_path / "tiny-gpt2")
+    assert main(["serve", f"--init_from={model_dir}", "--max_tokens_limit=129", "--port=0"]) == 2
+    assert capsys.readouterr().err.endswith("\ngptforge serve: error: --max_tokens_limit=129 is over the "
+                                            "model's context of 128 tokens (its block_size)\n")
 
 
 @needs_mirror

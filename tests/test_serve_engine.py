@@ -180,6 +180,29 @@ def test_a_rows_draw_does_not_depend_on_the_other_rows():
         assert draw(others, [crowd[0], ours, crowd[1], None])[1] == alone
 
 
+@pytest.mark.parametrize("sampling", [
+    Sampling(1, temperature=1e-40),  # logits / temperature overflow to inf: their softmax would be NaN
+    Sampling(1, temperature=5e-324),  # 0 in float32: logits / 0
+    Sampling(1, temperature=1e-40, top_k=3, top_p=0.5),
+    Sampling(1, top_p=1e-300),  # 0 in float32: no token's mass reaches it
+    Sampling(1, temperature=2.0, top_p=5e-324, top_k=10),
+])
+def test_draws_that_underflow_are_greedy_and_leave_the_other_rows_alone(sampling):
+    """Rows of any sign and scale (a row all negative divides to -inf everywhere): always the argmax, never an
+    id outside the vocabulary, and the draws of a normal row beside them unchanged."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 50257) * 3, -torch.rand(1, 50257) - 1, torch.zeros(1, 50257)])
+    logits[4, 17] = 1.0
+    ours = (Sampling(1, temperature=0.9), torch.Generator().manual_seed(5))
+    alone = draw(logits, [None, ours, None, None, None])[1]
+    ours[1].manual_seed(5)
+    rows = [(sampling, torch.Generator().manual_seed(i)) for i in range(len(logits))]
+    drawn = draw(logits, [rows[0], ours, *rows[2:]])
+    assert drawn[1] == alone
+    assert [token for i, token in enumerate(drawn) if i != 1] == [
+        token for i, token in enumerate(logits.argmax(dim=-1).tolist()) if i != 1]
+
+
 def test_stop_strings_cut_at_the_first_and_hold_back_possible_starts():
     stops = StopStrings(("cd", "xyz"))
     assert stops.push("ab") == ("ab", False)

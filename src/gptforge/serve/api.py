@@ -129,7 +129,7 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
 async def server_error(_: Request, e: Exception) -> JSONResponse:
     """A bug's answer, still in OpenAI's shape. uvicorn logs the exception and then closes the connection:
     `Connection: close` tells the client, which would otherwise send its next request into a closed socket."""
-    response = APIError(500, f"The server had an error processing your request: {type(e).__name__}").response()
+    response = APIError(500, f"The server failed on your request: {type(e).__name__}").response()
     response.headers["Connection"] = "close"
     return response
 

@@ -71,7 +71,9 @@ def create_app(engine: Engine, model_id: str, opts: "ServeOptions") -> FastAPI:
         yield
         engine.stop()
 
-    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect for a trailing slash: /v1/completions/ is a JSON 404, as at OpenAI, not a bodiless 307
+    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.engine, app.state.model_id, app.state.created = engine, model_id, int(time.time())
     app.state.completions = Completions(engine, model_id, opts.max_tokens_limit)
     page = importlib.resources.files("gptforge.serve") / "playground.html"

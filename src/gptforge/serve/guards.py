@@ -1,9 +1,9 @@
 """What a request must pass before a route sees it: a deadline to arrive, the body size limit and the API key.
 
-`RequestDeadline` is uvicorn's HTTP protocol with a deadline (a connection too slow to send its request is
-closed), `BodyLimit` ASGI middleware (413 for a body too large), `bearer_check` a FastAPI dependency (401 for
-a wrong or missing key); the last two answer with api.py's APIError. Which routes they guard is app.py's
-choice; server.py runs uvicorn with the deadline.
+`GuardedH11Protocol` is uvicorn's HTTP protocol with a deadline (a connection too slow to send its request is
+closed) that answers bytes which are no HTTP request in OpenAI's shape too; `BodyLimit` is ASGI middleware
+(413 for a body too large), `bearer_check` a FastAPI dependency (401 for a wrong or missing key). All answer
+with api.py's APIError. Which routes they guard is app.py's choice; server.py runs uvicorn with the protocol.
 """
 
 import asyncio
@@ -20,12 +20,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from gptforge.serve.api import APIError
 
 
-class RequestDeadline(H11Protocol):
+class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, where a connection has `request_timeout` seconds, from its opening or from its
     last response, to deliver its next request, headers and body; then it is closed. (uvicorn's keep-alive
     timer stops at a request's first byte, so alone it lets a client that sends half a request, or trickles
     one a byte at a time, hold the connection forever.) The clock stops once a request is in: a response
-    that takes minutes to stream is not cut."""
+    that takes minutes to stream is not cut. Bytes that are no HTTP request get a JSON 400, not uvicorn's
+    plain text."""
 
     def __init__(self, *args: Any, request_timeout: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -57,6 +58,15 @@ class RequestDeadline(H11Protocol):
         elif not due and self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are no HTTP/1.1 request (then it closes), in OpenAI's shape."""
+        response = APIError(400, f"{msg} This server speaks HTTP/1.1.").response()
+        headers = [*response.raw_headers, (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=response.body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 class BodyLimit:

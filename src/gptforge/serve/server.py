@@ -29,7 +29,7 @@ from gptforge.generate import decoding_model
 from gptforge.options import option
 from gptforge.serve.app import create_app
 from gptforge.serve.engine import Engine
-from gptforge.serve.guards import RequestDeadline
+from gptforge.serve.guards import GuardedH11Protocol
 from gptforge.source import SourceOptions
 
 # a request, headers and body, must arrive within this many seconds: ample for a 1 MiB body over a slow
@@ -77,8 +77,8 @@ class ServeOptions(SourceOptions):
             raise GptforgeError("--api_key is empty; give a key, or leave the option out")
         if self.shutdown_timeout < 0:
             raise GptforgeError(f"--shutdown_timeout={self.shutdown_timeout} must be >= 0")
-        if not 0 < self.request_timeout < float("inf"):
-            raise GptforgeError(f"--request_timeout={self.request_timeout} must be a number of seconds > 0")
+        if not self.request_timeout > 0:
+            raise GptforgeError(f"--request_timeout={self.request_timeout} must be > 0")
 
 
 class Server(uvicorn.Server):
@@ -97,9 +97,9 @@ class Server(uvicorn.Server):
 def uvicorn_config(
     app: FastAPI, host: str, port: int, request_timeout: float, **options: Any
 ) -> uvicorn.Config:
-    """uvicorn's configuration for `app`: h11 with a deadline for each request (guards.RequestDeadline),
+    """uvicorn's configuration for `app`: h11 with a deadline for each request (guards.GuardedH11Protocol),
     idle connections closed after KEEP_ALIVE seconds."""
-    http = functools.partial(RequestDeadline, request_timeout=request_timeout)
+    http = functools.partial(GuardedH11Protocol, request_timeout=request_timeout)
     return uvicorn.Config(app, host=host, port=port, http=http, timeout_keep_alive=KEEP_ALIVE, **options)
 
 
