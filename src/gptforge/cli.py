@@ -37,6 +37,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
     return {
         "prepare": ("tokenize a dataset into DATA_DIR/NAME/{train,val}.bin + meta.json", _prepare),
         "train": ("train, finetune or resume a model (under torchrun: on many processes)", _train),
+        "sft": ("finetune a model into an assistant on conversations, in full or with LoRA", _sft),
         "sample": ("generate text from a run, GPT-2 or a model directory, streamed to stdout", _sample),
         "eval": ("score a run or GPT-2: val loss/bpb, WikiText-2, LAMBADA, HellaSwag", _eval),
         "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
@@ -99,6 +100,23 @@ def _train(argv: list[str]) -> None:
         return
     files, overrides = split_args(argv)
     train(run_config(files, overrides))
+
+
+SFT_USAGE = (
+    "usage: gptforge sft --init_from=RUN|gpt2*|HF_DIR --data=CONVERSATIONS.jsonl [CONFIG ...] [--key=value ...]"
+    "\n\n" + CONFIG_FILES + " --init_from=resume --out_dir=DIR continues a finetuning run."
+)
+
+
+def _sft(argv: list[str]) -> None:
+    from gptforge.sft import SFTConfig, sft
+    from gptforge.train import run_config
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage(SFT_USAGE, SFTConfig()))
+        return
+    files, overrides = split_args(argv)
+    sft(run_config(files, overrides, defaults=SFTConfig()))
 
 
 def _sample(argv: list[str]) -> None:

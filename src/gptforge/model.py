@@ -364,6 +364,37 @@ class GPT(nn.Module):
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    def set_dropout(self, p: float) -> None:
+        """Every dropout of the model at rate `p` (a finetuning choice, unlike the shape)."""
+        self.config.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
+
+    def resize_vocab(self, vocab_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Grow the token embedding (and the head, tied or not) to `vocab_size` rows, e.g. for a chat template's
+        special tokens; the new rows are `rows`, else drawn as GPT-2's init, and returned. The old rows keep
+        their weights."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab only grows the vocabulary: {vocab_size} < {old}")
+        wte = self.transformer.wte.weight
+        if rows is None:
+            rows = torch.empty(vocab_size - old, wte.size(1), dtype=wte.dtype, device=wte.device).normal_(0.0, 0.02)
+        rows = rows.to(wte)
+        self.transformer.wte.weight = nn.Parameter(torch.cat([wte.detach(), rows]))
+        self.transformer.wte.num_embeddings = vocab_size
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            head = self.lm_head.weight
+            self.lm_head.weight = nn.Parameter(torch.cat([head.detach(), torch.zeros_like(rows)]))
+        self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
+        return rows
+
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.AdamW:

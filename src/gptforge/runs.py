@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gptforge.chat_template import ChatTemplate
 from gptforge.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_checkpoint, model_from_checkpoint
 from gptforge.data import META_FILE, Meta
 from gptforge.errors import GptforgeError
+from gptforge.lora import apply_lora, base_fingerprint, load_lora_state_dict, merge_lora
 from gptforge.model import GPT
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, from_spec
 
@@ -23,6 +25,7 @@ class Run:
     model: GPT
     tokenizer: Tokenizer
     checkpoint: dict[str, Any]  # the rest of the checkpoint: config, iter_num, tokenizer spec...
+    chat_template: ChatTemplate | None = None  # a finetuned assistant's template
 
 
 def load_run(
@@ -38,8 +41,31 @@ def load_run(
             f"--out_dir={out_dir} ...`, or start from GPT-2 with --init_from=gpt2"
         )
     ckpt = load_checkpoint(path, which=which)
-    model = model_from_checkpoint(ckpt, checkpoint_file(path, which), override_args={"dropout": 0.0})
-    return Run(model, run_tokenizer(ckpt, model.config.vocab_size, data_dir, mirror), ckpt)
+    if "lora" in ckpt:
+        model = merge_lora(adapted_model(ckpt, mirror))
+        model.config.dropout = 0.0
+    else:
+        model = model_from_checkpoint(ckpt, checkpoint_file(path, which), override_args={"dropout": 0.0})
+    template = ChatTemplate.from_spec(ckpt["chat_template"]) if ckpt.get("chat_template") else None
+    return Run(model, run_tokenizer(ckpt, model.config.vocab_size, data_dir, mirror), ckpt, template)
+
+
+def adapted_model(ckpt: dict[str, Any], mirror: Path | None = None) -> GPT:
+    """A LoRA run's model, adapters not merged: its base (named in the checkpoint, its fingerprint checked), the
+    rows the chat template grew, and the adapters."""
+    from gptforge.source import load_source  # a base is itself a source (a run, an export, HF GPT-2)
+
+    sft = ckpt["sft"]
+    base = load_source(sft["base"], mirror=mirror).model
+    if base_fingerprint(base.state_dict()) != sft["base_sha256"]:
+        raise GptforgeError(f"the base {sft['base']} is not the model this LoRA run adapted (its weights "
+                            "changed); restore that base, or finetune anew")
+    if sft.get("grown_rows") is not None:
+        base.resize_vocab(base.config.vocab_size + len(sft["grown_rows"]), rows=sft["grown_rows"])
+    lora = ckpt["lora"]
+    apply_lora(base, lora["rank"], lora["alpha"], lora["targets"], lora["dropout"])
+    load_lora_state_dict(base, {k: v for k, v in ckpt["model"].items() if ".lora_" in k})
+    return base
 
 
 def dataset_dir(ckpt: dict[str, Any], data_dir: str | None = None) -> Path | None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from gptforge import export
+from gptforge.chat_template import ChatTemplate
+from gptforge.checkpoint import CHECKPOINT_NAME
 from gptforge.device import check_dtype, resolve_device, resolve_dtype
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
@@ -28,6 +30,7 @@ class Source:
     name: str  # how to call it in reports: the run or directory path, or the hub name
     dataset: Path | None = None  # a run's dataset directory
     iter_num: int | None = None  # a run's checkpoint iteration
+    chat_template: ChatTemplate | None = None  # how to render a conversation, for a finetuned assistant
 
 
 def load_source(
@@ -35,12 +38,15 @@ def load_source(
     data_dir: str | None = None, mirror: Path | None = None,
 ) -> Source:
     """The model and tokenizer that `init_from` names; `mirror` holds tokenizer files (default: the env's)."""
+    if init_from != "resume" and (Path(init_from) / CHECKPOINT_NAME).is_file():  # a run's directory, named
+        init_from, out_dir = "resume", init_from
     if init_from == "resume":
         run = load_run(out_dir, which, data_dir, mirror)
         path = Path(out_dir)
         directory = path if path.is_dir() else path.parent
         dataset = dataset_dir(run.checkpoint, data_dir)
-        return Source(run.model, run.tokenizer, directory, out_dir, dataset, run.checkpoint.get("iter_num"))
+        return Source(run.model, run.tokenizer, directory, out_dir, dataset, run.checkpoint.get("iter_num"),
+                      run.chat_template)
     if export.is_export(init_from):
         model = export.load_export(init_from)
     else:

@@ -19,7 +19,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from gptforge.checkpoint import (
     set_rng_state,
 )
 from gptforge.config import TrainConfig, load_train_config
-from gptforge.data import Batches, BatchSampler, Meta, TokenDataset
+from gptforge.data import TokenData
 from gptforge.device import (
     device_type,
     enable_tf32,
@@ -60,6 +60,20 @@ from gptforge.model import GPT, MODEL_KEYS, GPTConfig
 from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
 from gptforge.tokenizer import check_token_ids
 
+
+class TrainingData(Protocol):
+    """What the trainer draws from: a prepared dataset (`data.TokenData`) or conversations
+    (`data.conversations.ConversationData`)."""
+
+    name: str
+    vocab_size: int  # ids in the data are below it
+    padded_vocab: bool  # a model from scratch pads the vocabulary to 50304 (GPT-2's BPE)
+
+    def batches(self, split: str, block_size: int, batch_size: int, **kwargs: Any) -> Any: ...
+
+    def checkpoint_fields(self) -> dict[str, Any]: ...
+
+
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -72,18 +86,20 @@ class Progress:
     elapsed_s: float = 0.0  # wall time of training steps, compile included, eval and checkpoints excluded
 
 
-def run_config(files: list[str], overrides: dict[str, Any]) -> TrainConfig:
-    """The config of a `gptforge train` command line. A resumed run starts from the config it was saved
-    with, so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides then change what they
-    name."""
+def run_config(files: list[str], overrides: dict[str, Any], defaults: TrainConfig | None = None) -> TrainConfig:
+    """The config of a `gptforge train` (or `sft`, with its `defaults`) command line. A resumed run starts from
+    the config it was saved with, so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides
+    then change what they name."""
+    defaults = defaults or TrainConfig()
     # which run: a resumed run's other options are checked against its saved config, not against the defaults
-    where = load_train_config(files, {k: v for k, v in overrides.items() if k in ("init_from", "out_dir")})
+    where = load_train_config(files, {k: v for k, v in overrides.items() if k in ("init_from", "out_dir")},
+                              base=defaults)
     if where.init_from != "resume":
-        return load_train_config(files, overrides)
+        return load_train_config(files, overrides, base=defaults)
     ckpt = load_checkpoint(where.out_dir, which="latest")
     saved = {**(ckpt.get("config") or {}), **saved_model_args(ckpt)}  # a nanoGPT config lacks gptforge's keys
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    names = {f.name for f in dataclasses.fields(defaults)}
+    base = type(defaults)(**{k: v for k, v in saved.items() if k in names})
     return load_train_config(files, {**overrides, "init_from": "resume", "out_dir": where.out_dir}, base=base)
 
 
@@ -102,7 +118,12 @@ def train(cfg: TrainConfig) -> Progress:
 class Trainer:
     """The state of one training run; `run()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, d: distrib.Dist):
+    def __init__(
+        self, cfg: TrainConfig, d: distrib.Dist, data: TrainingData | None = None, model: GPT | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        """`data` defaults to the prepared dataset DATA_DIR/DATASET and `model` to what `init_from` names;
+        `extra` goes into every checkpoint (what a finetuning run must remember, such as its base)."""
         if cfg.gradient_accumulation_steps % d.world_size:
             raise GptforgeError(
                 f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
@@ -125,24 +146,23 @@ class Trainer:
 
         if d.is_main:
             check_writable(self.out_dir, "--out_dir")
-        data_path = Path(cfg.data_dir) / cfg.dataset
-        self.meta = Meta.read(data_path)
-        self.train_data = TokenDataset(data_path, "train", self.meta)
-        self.val_data = TokenDataset(data_path, "val", self.meta)
-        for data in (self.train_data, self.val_data):  # every split fits a row, checked before any work
-            BatchSampler(len(data), cfg.block_size, 1, split=data.split)
+        self.data = data or TokenData(Path(cfg.data_dir) / cfg.dataset, cfg.block_size)
+        self.extra = extra or {}
         global_rows = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.batches = Batches(self.train_data, cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
-                               world_size=d.world_size, device=cfg.device,
-                               prefetch=self.device_type == "cuda")
+        self.batches = self.data.batches("train", cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
+                                         world_size=d.world_size, device=cfg.device,
+                                         prefetch=self.device_type == "cuda")
         self.tokens_per_iter = global_rows * cfg.block_size
 
         ckpt = load_checkpoint(self.out_dir, which="latest") if cfg.init_from == "resume" else None
         # the same initial weights on every process (FSDP shards them as they are)
         torch.manual_seed(cfg.seed)
-        self.raw = self._build_model(ckpt).to(cfg.device)
+        self.raw = (model or self._build_model(ckpt)).to(cfg.device)
         self._seed_everything()
-        check_token_ids(self.meta.vocab_size - 1, self.raw.config.vocab_size, f"dataset {cfg.dataset}")
+        check_token_ids(self.data.vocab_size - 1, self.raw.config.vocab_size, f"dataset {self.data.name}")
+        # a run that trains part of its model (LoRA adapters) checkpoints only that part
+        self.trained = {name for name, p in self.raw.named_parameters() if p.requires_grad}
+        self.partial = len(self.trained) < len(dict(self.raw.named_parameters()))
         self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
         self.optimizer = build_optimizer(
             self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -180,7 +200,7 @@ class Trainer:
         if cfg.init_from == "scratch":
             # GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for speed, as nanoGPT; others as they
             # are
-            vocab_size = 50304 if self.meta.tokenizer.get("kind") == "gpt2" else self.meta.vocab_size
+            vocab_size = 50304 if self.data.padded_vocab else self.data.vocab_size
             return GPT(cfg.model_config(vocab_size))
         model = GPT.from_pretrained(cfg.init_from, override_args={"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
@@ -198,7 +218,8 @@ class Trainer:
             return self._restore_nanogpt(ckpt)
         base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
-                       optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+                       optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=not self.partial))
         # the saved groups carry the old run's peak LRs; this run's options decide them (e.g. a new
         # --learning_rate)
         for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
@@ -333,13 +354,15 @@ class Trainer:
         """One optimizer step over this process's share of the global batch; returns its mean loss."""
         cfg = self.cfg
         x_all, y_all = self.batches.get(self.progress.iter_num)
+        weights = self.batches.loss_weights(self.progress.iter_num, self.accum)
         total = torch.zeros((), device=cfg.device)
         for micro in range(self.accum):
             rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
             distrib.set_grad_sync(self.wrapped, micro == self.accum - 1)
             with self.autocast:
                 _, loss = self.model(x_all[rows], y_all[rows])
-                loss = loss / self.accum  # the gradient of the mean over all micro-steps
+                # the gradient of the mean over all micro-steps (over all target tokens, if rows differ)
+                loss = loss / self.accum if weights is None else loss * weights[micro]
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip != 0.0:
@@ -357,8 +380,8 @@ class Trainer:
         cfg, d = self.cfg, self.d
         self.model.eval()
         out = {}
-        for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed)):
-            batches = Batches(data, cfg.block_size, cfg.batch_size, seed=seed, device=cfg.device)
+        for split, seed in (("train", cfg.seed + 1), ("val", cfg.seed)):
+            batches = self.data.batches(split, cfg.block_size, cfg.batch_size, seed=seed, device=cfg.device)
             total = torch.zeros(2, device=cfg.device)  # sum of batch losses, number of batches
             for k in range(d.rank, cfg.eval_iters, d.world_size):
                 x, y = batches.get(k)
@@ -397,6 +420,8 @@ class Trainer:
     def _save(self, best: bool) -> None:
         """Checkpoint the state before step `iter_num` (all processes take part, rank 0 writes)."""
         model_state, optim_state = get_state_dict(self.wrapped, self.optimizer, options=FULL_STATE)
+        if self.partial:
+            model_state = {k: v for k, v in model_state.items() if k in self.trained}
         rng = distrib.gather(rng_state(), self.d)
         if self.d.is_main:
             payload = {
@@ -410,7 +435,8 @@ class Trainer:
                 "best_val_loss": self.progress.best_val_loss,
                 "data": self.batches.state_dict() | {"step": self.progress.iter_num},
                 "rng": rng,
-                "tokenizer": self.meta.tokenizer,
+                **self.data.checkpoint_fields(),
+                **self.extra,
                 "gptforge_version": __version__,
             }
             save_checkpoint(self.out_dir, payload, best=best, keep_last=self.cfg.keep_last)

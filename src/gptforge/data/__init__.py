@@ -14,7 +14,7 @@ eval_sets.py use no other module of the package. This file re-exports what reade
 writing side.
 """
 
-from gptforge.data.batches import Batches, BatchSampler, shuffle_index
+from gptforge.data.batches import Batches, BatchSampler, TokenData, shuffle_index
 from gptforge.data.files import META_FILE, SPLITS, Meta, TokenDataset, token_dtype
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "BatchSampler",
     "Batches",
     "Meta",
+    "TokenData",
     "TokenDataset",
     "shuffle_index",
     "token_dtype",

@@ -7,11 +7,13 @@ only; it knows nothing of how they were prepared or what they mean.
 
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from gptforge.data.files import TokenDataset
+from gptforge.data.files import Meta, TokenDataset
 from gptforge.errors import GptforgeError
 
 
@@ -175,6 +177,33 @@ class Batches:
             raise GptforgeError(f"cannot resume the data order: the batch settings changed ({diffs})")
         self.step = int(state["step"])
 
+    def loss_weights(self, step: int, micro_steps: int) -> list[float] | None:
+        """How much each of this process's micro-batches of `step` weighs in the step's loss: None, as every
+        row holds block_size targets (the trainer divides by the number of micro-steps)."""
+        return None
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
+
+
+class TokenData:
+    """A prepared dataset as training sees it: its train and val splits (each checked to fit a row), batches
+    of either, its vocabulary, and what a checkpoint records of it (its tokenizer)."""
+
+    def __init__(self, directory: str | Path, block_size: int):
+        self.directory = Path(directory)
+        self.name = self.directory.name
+        self.meta = Meta.read(self.directory)
+        self.splits = {split: TokenDataset(self.directory, split, self.meta) for split in ("train", "val")}
+        for data in self.splits.values():  # every split fits a row, checked before any work
+            BatchSampler(len(data), block_size, 1, split=data.split)
+        self.vocab_size = self.meta.vocab_size
+        self.padded_vocab = self.meta.tokenizer.get("kind") == "gpt2"  # GPT-2's 50257 pads to 50304
+
+    def batches(self, split: str, block_size: int, batch_size: int, **kwargs: Any) -> Batches:
+        """Batches of `split`; keyword arguments as `Batches` takes them (seed, rank, device...)."""
+        return Batches(self.splits[split], block_size, batch_size, **kwargs)
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"tokenizer": self.meta.tokenizer}
