@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import Tokenizer
 
@@ -96,3 +98,34 @@ def check_message(message: Any) -> None:
         raise GptforgeError(f"a message must be an object with a string 'content', got {str(message)[:80]!r}")
     if message.get("role") not in ROLES:
         raise GptforgeError(f"unknown role {message.get('role')!r}: a message's role is one of {', '.join(ROLES)}")
+
+
+class ChatTokenizer(Tokenizer):
+    """A tokenizer with a chat template's markers: encodes text as the tokenizer does (no text becomes a
+    marker) and decodes marker ids as their text, so a finetuned model's output always has a text form."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate):
+        self.base, self.template = tokenizer, template
+        self.kind = tokenizer.kind
+        self.vocab_size = max(tokenizer.vocab_size, template.vocab_size)
+        self.eot_token = tokenizer.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        return self.base.encode_to_numpy(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        parts, run = [], []
+        for token in ids:
+            marker = self.template.decode_marker(int(token))
+            if marker is None:
+                run.append(token)
+                continue
+            parts += [self.base.decode(run), marker]
+            run = []
+        return "".join([*parts, self.base.decode(run)])
+
+    def spec(self) -> dict[str, Any]:
+        return self.base.spec()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gptforge.chat_template import ChatTemplate
+from gptforge.chat_template import ChatTemplate, ChatTokenizer
 from gptforge.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_checkpoint, model_from_checkpoint
 from gptforge.data import META_FILE, Meta
 from gptforge.errors import GptforgeError
@@ -46,8 +46,11 @@ def load_run(
         model.config.dropout = 0.0
     else:
         model = model_from_checkpoint(ckpt, checkpoint_file(path, which), override_args={"dropout": 0.0})
-    template = ChatTemplate.from_spec(ckpt["chat_template"]) if ckpt.get("chat_template") else None
-    return Run(model, run_tokenizer(ckpt, model.config.vocab_size, data_dir, mirror), ckpt, template)
+    tokenizer = run_tokenizer(ckpt, model.config.vocab_size, data_dir, mirror)
+    if not ckpt.get("chat_template"):
+        return Run(model, tokenizer, ckpt)
+    template = ChatTemplate.from_spec(ckpt["chat_template"])
+    return Run(model, ChatTokenizer(tokenizer, template), ckpt, template)
 
 
 def adapted_model(ckpt: dict[str, Any], mirror: Path | None = None) -> GPT:
