@@ -128,4 +128,4 @@ class ChatTokenizer(Tokenizer):
         return "".join([*parts, self.base.decode(run)])
 
     def spec(self) -> dict[str, Any]:
-        return self.base.spec()
+        return {**self.base.spec(), "chat_template": self.template.spec()}

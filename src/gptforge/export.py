@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from gptforge import __version__
 from gptforge.atomic import atomic_path, atomic_write_text, check_writable
+from gptforge.chat_template import ChatTemplate, ChatTokenizer
 from gptforge.checkpoint import check_shapes, read_json, read_safetensors
 from gptforge.errors import GptforgeError
 from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
@@ -32,6 +33,7 @@ from gptforge.tokenizer import BPETokenizer, Tokenizer, from_spec
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "gptforge_tokenizer.json"
+BPE_FILE = "gptforge_bpe.json"
 FORMAT = "gptforge"  # config.json's "format" in a safetensors export; HF's config.json has none
 # when tied, the same tensor as transformer.wte.weight; safetensors stores no aliases
 TIED_HEAD = "lm_head.weight"
@@ -65,7 +67,8 @@ def export(opts: ExportOptions) -> Path:
     check_writable(to, "--to")
     run = load_run(opts.out_dir, opts.which, opts.data_dir, mirror_dir(opts.mirror))
     if opts.format == "hf":
-        save_hf_gpt2(run.model, to, run.tokenizer.eot_token)
+        end_of_turn = run.chat_template.end if run.chat_template is not None else None
+        save_hf_gpt2(run.model, to, run.tokenizer.eot_token, end_of_turn)
         save_hf_tokenizer(run.tokenizer, to, run.model.config.block_size)
     else:
         save_export(run.model, to)
@@ -112,11 +115,15 @@ def load_export(directory: str | Path) -> GPT:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
-    """The tokenizer's spec (and a trained BPE's own file) beside the weights."""
+    """The tokenizer's spec (a chat model's with its template) beside the weights, and a trained BPE's own file
+    as `gptforge_bpe.json` (`tokenizer.json` is Hugging Face's, which a chat model's markers extend)."""
     directory = Path(directory)
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer.save(directory / BPETokenizer.FILE)
-    atomic_write_text(directory / TOKENIZER_FILE, json.dumps(tokenizer.spec(), indent=2) + "\n")
+    spec = tokenizer.spec()
+    base = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
+    if isinstance(base, BPETokenizer):
+        base.save(directory / BPE_FILE)
+        spec = {**spec, "file": BPE_FILE}
+    atomic_write_text(directory / TOKENIZER_FILE, json.dumps(spec, indent=2) + "\n")
 
 
 def load_tokenizer(directory: str | Path, mirror: Path | None = None) -> Tokenizer | None:
@@ -125,4 +132,8 @@ def load_tokenizer(directory: str | Path, mirror: Path | None = None) -> Tokeniz
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         return None
-    return from_spec(read_json(path), directory, mirror)
+    spec = read_json(path)
+    tokenizer = from_spec(spec, directory, mirror)
+    if spec.get("chat_template"):
+        return ChatTokenizer(tokenizer, ChatTemplate.from_spec(spec["chat_template"]))
+    return tokenizer

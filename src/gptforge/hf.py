@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from gptforge.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from gptforge.chat_template import JINJA, MARKERS, ChatTokenizer
 from gptforge.checkpoint import clean_state_dict, read_json, read_safetensors, read_weights_bin
 from gptforge.errors import GptforgeError
 from gptforge.mirror import fetch
@@ -157,14 +158,16 @@ def load_hf_gpt2(name_or_dir: str | Path, override_args: dict[str, Any] | None =
     return model
 
 
-def save_hf_gpt2(model: GPT, directory: str | Path, eot_token: int | None = EOT_TOKEN) -> None:
+def save_hf_gpt2(
+    model: GPT, directory: str | Path, eot_token: int | None = EOT_TOKEN, end_of_turn: int | None = None
+) -> None:
     """Write `config.json`, `generation_config.json` and `model.safetensors` that
     `transformers.GPT2LMHeadModel` loads as this model.
 
     `bias=False` models get zero biases (the same function); a padded vocabulary (e.g. 50304) stays as it is.
     A model with any of the `ARCHITECTURE_OPTIONS` off GPT-2's value is refused, naming them. `eot_token` (the
     tokenizer's end-of-text, GPT-2's by default) becomes bos/eos where the vocabulary has it, else they are
-    written as null: left out, transformers would take GPT-2's 50256, a row a small vocabulary does not have.
+    written as null, and a chat model's `end_of_turn` also ends generation: left out, transformers would take GPT-2's 50256, a row a small vocabulary does not have.
     """
     if not isinstance(model, GPT):
         raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
@@ -212,7 +215,10 @@ def save_hf_gpt2(model: GPT, directory: str | Path, eot_token: int | None = EOT_
     }
     eot = eot_token if eot_token is not None and eot_token < cfg.vocab_size else None
     hf_config.update(bos_token_id=eot, eos_token_id=eot)
-    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "max_length": cfg.block_size}
+    # a chat model's answer ends at its end-of-turn marker
+    stops = [t for t in (end_of_turn, eot) if t is not None]
+    generation = {"bos_token_id": eot, "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
+                  "pad_token_id": eot, "max_length": cfg.block_size}
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -223,8 +229,12 @@ def save_hf_gpt2(model: GPT, directory: str | Path, eot_token: int | None = EOT_
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: int) -> None:
     """Write the tokenizer files `transformers.AutoTokenizer.from_pretrained(directory)` loads as `tokenizer`:
     the same ids for every text. `tokenizer.json` (HF `tokenizers`, the fast tokenizer) and
-    `tokenizer_config.json`; GPT-2's also as the `vocab.json` + `merges.txt` its slow tokenizer reads."""
+    `tokenizer_config.json`; GPT-2's also as the `vocab.json` + `merges.txt` its slow tokenizer reads. A chat
+    model's markers become special tokens of the same ids and its template the Jinja `chat_template`, so
+    `apply_chat_template` renders exactly gptforge's ids."""
     directory = Path(directory)
+    template = tokenizer.template if isinstance(tokenizer, ChatTokenizer) else None
+    tokenizer = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
     special: dict[str, Any] = {}
     if tokenizer.eot_token is not None:
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
@@ -241,7 +251,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: i
         fast.add_special_tokens([EOT])
         tokenizer_class = "GPT2Tokenizer"
     elif isinstance(tokenizer, BPETokenizer):  # already a `tokenizers` file: the very one gptforge reads back
-        fast = tokenizer.hf
+        fast = tokenizers.Tokenizer.from_str(tokenizer.to_json())
         tokenizer_class = "PreTrainedTokenizerFast"
     elif isinstance(tokenizer, CharTokenizer):
         # one token per character: every character is its own pre-token, looked up whole, joined back as is
@@ -252,8 +262,16 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: i
         tokenizer_class = "PreTrainedTokenizerFast"
     else:
         raise GptforgeError(f"no Hugging Face form for a {tokenizer.kind} tokenizer")
+    if template is not None:  # added in id order, each takes the next id: the template's own
+        markers = sorted([(template.system, MARKERS["system"]), (template.user, MARKERS["user"]),
+                          (template.assistant, MARKERS["assistant"]), (template.end, MARKERS["end"])])
+        if markers[0][0] != fast.get_vocab_size(with_added_tokens=True):
+            raise GptforgeError("the chat template's markers do not follow the tokenizer's vocabulary")
+        fast.add_special_tokens([text for _, text in markers])
+        special = {**special, "eos_token": MARKERS["end"], "additional_special_tokens": list(MARKERS.values())}
     atomic_write_text(directory / "tokenizer.json", fast.to_str())
     config = {"tokenizer_class": tokenizer_class, "model_max_length": block_size, "add_prefix_space": False,
-              "clean_up_tokenization_spaces": False, **special}
+              "clean_up_tokenization_spaces": False, **special,
+              **({"chat_template": JINJA} if template is not None else {})}
     atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(directory / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from gptforge import export
-from gptforge.chat_template import ChatTemplate
+from gptforge.chat_template import ChatTemplate, ChatTokenizer
 from gptforge.checkpoint import CHECKPOINT_NAME
 from gptforge.device import check_dtype, resolve_device, resolve_dtype
 from gptforge.mirror import mirror_dir
@@ -53,7 +53,8 @@ def load_source(
         model = GPT.from_pretrained(init_from, override_args={"dropout": 0.0})
     directory = Path(init_from) if Path(init_from).is_dir() else None
     tokenizer = export.load_tokenizer(directory, mirror) if directory is not None else None
-    return Source(model, tokenizer or GPT2Tokenizer(mirror), directory, init_from)
+    template = tokenizer.template if isinstance(tokenizer, ChatTokenizer) else None
+    return Source(model, tokenizer or GPT2Tokenizer(mirror), directory, init_from, chat_template=template)
 
 
 @dataclass
