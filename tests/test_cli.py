@@ -100,6 +100,8 @@ BAD_COMMAND_LINES = [
     ("export --out_dir={run} --to={file}/hf", "--to={file}/hf cannot be created: {file} is a file"),
     ("export --out_dir={run} --to={file}", "--to={file} is a file"),
     ("eval --out_dir={run} --task=val --to={tmp}", "--to={tmp} is a directory"),
+    ("prepare shakespeare_char --data_dir={file}", "--data_dir={file} is a file"),
+    ("prepare text --input={file} --data_dir={file}/data", "--data_dir={file}/data cannot be created"),
     # broken model files: the cause named, never a traceback
     ("sample --out_dir={empty}", "is empty (0 bytes)"),
     ("sample --out_dir={garbage}", "neither torch.save's zip format nor its legacy one"),

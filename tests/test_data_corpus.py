@@ -77,3 +77,14 @@ def test_undecodable_bytes_are_located(tmp_path, content, offset):
         list(read_text(tmp_path / "bad.txt", chunk_bytes=1024))
     replaced = "".join(read_text(tmp_path / "bad.txt", "replace", chunk_bytes=1024))
     assert replaced == content.decode("utf-8", "replace")
+
+
+def test_an_input_file_whose_name_has_a_comma_is_taken_whole(tmp_path):
+    from gptforge.data.corpus import expand_inputs
+
+    odd = tmp_path / "Romeo, Juliet.txt"
+    odd.write_text("O Romeo", encoding="utf-8")
+    other = tmp_path / "b.txt"
+    other.write_text("b", encoding="utf-8")
+    assert expand_inputs(str(odd)) == [odd]
+    assert expand_inputs(f"{other},{tmp_path / 'b.txt'}") == [other]  # lists still split, duplicates once

@@ -18,6 +18,7 @@ MEMORY_KNOBS = {
     "train": "a lower --batch_size (with a higher --gradient_accumulation_steps the step's batch stays), "
              "--block_size, or a smaller model (--n_layer, --n_embd); on a GPU also --dtype=bfloat16",
     "sample": "a smaller --num_samples or model, or --dtype=bfloat16",
+    "chat": "a smaller model, or --dtype=bfloat16",
     "eval": "a lower --batch_size, or --dtype=bfloat16",
     "serve": "a lower --max_batch (KV cache slots), or --dtype=bfloat16",
     "prepare": "a lower --num_proc",
@@ -39,6 +40,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
         "train": ("train, finetune or resume a model (under torchrun: on many processes)", _train),
         "sft": ("finetune a model into an assistant on conversations, in full or with LoRA", _sft),
         "sample": ("generate text from a run, GPT-2 or a model directory, streamed to stdout", _sample),
+        "chat": ("talk to a finetuned assistant in the terminal, or answer one --prompt", _chat),
         "eval": ("score a run or GPT-2: val loss/bpb, WikiText-2, LAMBADA, HellaSwag", _eval),
         "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
         "bench": ("time the training step of a model shape: ms/iter, tokens/s, MFU", _bench),
@@ -72,7 +74,7 @@ def _prepare(argv: list[str]) -> None:
             "name one dataset: gptforge prepare NAME [--key=value ...] (see gptforge prepare --help)"
         )
     dataset = get_dataset(positional[0])
-    meta = dataset.prepare(apply_overrides(dataset.options(), overrides))
+    meta = dataset.run(apply_overrides(dataset.options(), overrides))
     counts = ", ".join(f"{split} {count:,}" for split, count in meta.tokens.items())
     print(f"{meta.dataset}: {counts} tokens "
           f"({meta.tokenizer['kind']}, vocab {meta.vocab_size:,}, {meta.dtype})")
@@ -124,6 +126,15 @@ def _sample(argv: list[str]) -> None:
 
     if parsed := _parse(argv, "usage: gptforge sample [--key=value ...]", SampleOptions()):
         sample(parsed[1])
+
+
+def _chat(argv: list[str]) -> None:
+    from gptforge.chat import ChatOptions, chat
+
+    head = ("usage: gptforge chat [--out_dir=RUN | --init_from=DIR] [--prompt=TEXT] [--system=TEXT] "
+            "[--key=value ...]")
+    if parsed := _parse(argv, head, ChatOptions()):
+        chat(parsed[1])
 
 
 def _eval(argv: list[str]) -> None:

@@ -216,13 +216,14 @@ def files_sha256(files: list[Path]) -> str:
 
 def expand_inputs(spec: str) -> list[Path]:
     """The files `--input` names: comma-separated files, directories (their .txt/.jsonl files) and globs, in
-    order."""
+    order. A path that exists is taken whole, so a file whose name has a comma needs no escaping."""
     if not spec:
         raise GptforgeError(
             "prepare text needs --input=PATH[,PATH...] (.txt or .jsonl files, directories or globs)"
         )
     files: list[Path] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    items = [spec] if Path(spec).expanduser().exists() else [s.strip() for s in spec.split(",")]
+    for item in filter(None, items):
         path = Path(item).expanduser()
         if any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())

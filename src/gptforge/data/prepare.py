@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 import numpy as np
 
-from gptforge.atomic import atomic_path
+from gptforge.atomic import atomic_path, check_writable
 from gptforge.data.corpus import (
     CHUNK_BYTES,
     Chunk,
@@ -127,6 +127,11 @@ class Dataset:
     summary: str
     options: type[PrepareOptions]
     prepare: Callable[[Any], Meta]
+
+    def run(self, opts: PrepareOptions) -> Meta:
+        """`prepare(opts)`, once the output root is known to be writable: before reading any text."""
+        check_writable(opts.data_dir, "--data_dir")
+        return self.prepare(opts)
 
 
 DATASETS: dict[str, Dataset] = {}
