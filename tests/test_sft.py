@@ -6,6 +6,7 @@ the LoRA export equal to base + adapters in transformers, and every bad input a 
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,25 @@ def test_the_hf_export_of_an_assistant_renders_its_template_in_transformers(base
     # and gptforge reads its own export back as an assistant
     assert main(["sample", f"--init_from={tmp_path / 'hf'}", "--num_samples=1", "--max_new_tokens=4",
                  "--device=cpu"]) == 0
+
+
+def test_a_bpe_base_finetunes_and_its_run_needs_no_dataset_directory(tmp_path):
+    from tiny_run import SONNET
+
+    from gptforge.config import TrainConfig
+    from gptforge.data.prepare import TextOptions, get_dataset
+    from gptforge.train import train
+
+    (tmp_path / "sonnet.txt").write_text(SONNET * 20, encoding="utf-8")
+    get_dataset("text").prepare(TextOptions(input=str(tmp_path / "sonnet.txt"), tokenizer="bpe", vocab_size=300,
+                                            data_dir=str(tmp_path / "data"), name="bpe", num_proc=1))
+    train(TrainConfig(dataset="bpe", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "base"), n_layer=1,
+                      n_head=2, n_embd=16, block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2,
+                      eval_interval=2, eval_iters=1, device="cpu", compile=False))
+    data = write_jsonl(tmp_path / "c.jsonl", reverse_tasks(WORDS, 2))
+    assert sft(tmp_path / "base", data, tmp_path / "run", "--max_iters=4", "--eval_interval=2") == 0
+    shutil.rmtree(tmp_path / "data")  # the finetuned run carries its tokenizer
+    assert main(["sft", "--init_from=resume", f"--out_dir={tmp_path / 'run'}", "--max_iters=6"]) == 0
+    run = load_run(tmp_path / "run")
+    ids, _ = run.chat_template.render(run.tokenizer, reverse_tasks(["king"], 1)[0]["messages"])
+    assert run.tokenizer.decode(ids) == "<|user|>reverse king<|end|><|assistant|>gnik<|end|>"

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from gptforge import distributed as distrib
-from gptforge.chat_template import ChatTemplate
+from gptforge.chat_template import ChatTemplate, ChatTokenizer
 from gptforge.checkpoint import load_checkpoint, model_from_checkpoint
 from gptforge.config import TrainConfig
 from gptforge.data.conversations import ConversationData, Conversations
@@ -128,6 +128,8 @@ def base_model(cfg: SFTConfig, mirror, say) -> tuple[GPT, Tokenizer, ChatTemplat
     model lacks them, cropped to `block_size`; and what the run records of its base."""
     source = load_source(cfg.init_from, mirror=mirror)
     model, tokenizer = source.model, source.tokenizer
+    if isinstance(tokenizer, ChatTokenizer):  # an assistant finetuned again: its template is kept below
+        tokenizer = tokenizer.base
     model.set_dropout(cfg.dropout)
     template = source.chat_template or ChatTemplate.for_tokenizer(tokenizer)
     state = {"base": cfg.init_from, "base_sha256": base_fingerprint(model.state_dict()), "grown_rows": None}

@@ -262,11 +262,20 @@ def from_spec(spec: dict[str, Any], directory: Path, mirror: Path | None = None)
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         return GPT2Tokenizer(mirror)
+    if kind == "bpe" and "json" in spec:  # a self-contained spec (`portable_spec`)
+        return BPETokenizer(tokenizers.Tokenizer.from_str(spec["json"]))
     if kind == "bpe":
         return BPETokenizer.load(directory / spec["file"], spec.get("sha256"))
     raise GptforgeError(
         f"unknown tokenizer kind {kind!r} in {directory}/meta.json; known: {', '.join(KINDS)}"
     )
+
+
+def portable_spec(tokenizer: Tokenizer) -> dict[str, Any]:
+    """`spec()` that needs no file beside it: a trained BPE's carries its tokenizer.json's text. What a run
+    stores when its tokens come from no prepared dataset (finetuning on conversations)."""
+    spec = tokenizer.spec()
+    return {**spec, "json": tokenizer.to_json()} if isinstance(tokenizer, BPETokenizer) else spec
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, what: str = "the prompt") -> list[int]:

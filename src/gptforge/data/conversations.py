@@ -25,7 +25,7 @@ import torch
 from gptforge.chat_template import ChatTemplate
 from gptforge.data.batches import shuffle_index
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import Tokenizer
+from gptforge.tokenizer import Tokenizer, portable_spec
 
 IGNORE = -1  # the target of a position training does not learn
 
@@ -208,4 +208,4 @@ class ConversationData:
         return ConversationBatches(self.splits[split], block_size, batch_size, split=split, **kwargs)
 
     def checkpoint_fields(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer.spec(), "chat_template": self.template.spec()}
+        return {"tokenizer": portable_spec(self.tokenizer), "chat_template": self.template.spec()}
