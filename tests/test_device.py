@@ -26,7 +26,8 @@ FREED_MEMORY_PROBE = """
 import resource, torch
 from gptforge.device import keep_freed_memory
 keep_freed_memory()
-for _ in range(20):  # the heap grows until freed chunks fit the next request (about 10 rounds of aligned 4 MiB)
+# the heap grows until freed chunks fit the next request (about 10 rounds of aligned 4 MiB)
+for _ in range(20):
     torch.empty(1 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):  # 4 MiB freed and allocated again, as a training step does with its activations

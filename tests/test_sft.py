@@ -29,12 +29,14 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
     return path
 
 
 def reverse_tasks(words: list[str], repeat: int = 8) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+    return [{"messages": [{"role": "user", "content": f"reverse {w}"},
+                          {"role": "assistant", "content": w[::-1]}]}
             for w in words * repeat]
 
 
@@ -50,8 +52,8 @@ def tasks(tmp_path_factory) -> Path:
 
 def sft(base: Path, data: Path, out: Path, *args: str) -> int:
     return main(["sft", f"--init_from={base}", f"--data={data}", f"--out_dir={out}", "--device=cpu",
-                 "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--max_iters=10", "--warmup_iters=2",
-                 "--lr_decay_iters=10", "--learning_rate=1e-3", *args])
+                 "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--max_iters=10",
+                 "--warmup_iters=2", "--lr_decay_iters=10", "--learning_rate=1e-3", *args])
 
 
 def step_losses(out: Path) -> dict[int, float]:
@@ -149,9 +151,10 @@ def test_two_processes_finetune_as_one(base, tasks, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert sft(base, tasks, single, "--gradient_accumulation_steps=2") == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "gptforge", "sft", f"--init_from={base}", f"--data={tasks}", f"--out_dir={multi}", "--device=cpu",
-               "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--max_iters=10", "--warmup_iters=2",
-               "--lr_decay_iters=10", "--learning_rate=1e-3", "--gradient_accumulation_steps=2"]
+               "gptforge", "sft", f"--init_from={base}", f"--data={tasks}", f"--out_dir={multi}",
+               "--device=cpu", "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--max_iters=10",
+               "--warmup_iters=2", "--lr_decay_iters=10", "--learning_rate=1e-3",
+               "--gradient_accumulation_steps=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = step_losses(single), step_losses(multi)
@@ -167,8 +170,8 @@ BAD = [
       "\"x\"}]}"], "{file}:1: unknown role 'wizard'"),
     (["not json"], "{file}:1: not a JSON line"),
     (["{\"prompt\": \"x\"}"], "{file}:1: neither"),
-    ([json.dumps(reverse_tasks(["king"], 1)[0]), json.dumps({"messages": [{"role": "user", "content": "é"},
-                                                                         {"role": "assistant", "content": "x"}]})],
+    ([json.dumps(reverse_tasks(["king"], 1)[0]),
+      json.dumps({"messages": [{"role": "user", "content": "é"}, {"role": "assistant", "content": "x"}]})],
      "{file}:2: character 'é'"),
     ([json.dumps({"messages": [{"role": "user", "content": "reverse " * 40},
                                {"role": "assistant", "content": "x"}]})], "has no conversation that fits"),
@@ -229,11 +232,13 @@ def test_a_bpe_base_finetunes_and_its_run_needs_no_dataset_directory(tmp_path):
     from gptforge.train import train
 
     (tmp_path / "sonnet.txt").write_text(SONNET * 20, encoding="utf-8")
-    get_dataset("text").prepare(TextOptions(input=str(tmp_path / "sonnet.txt"), tokenizer="bpe", vocab_size=300,
-                                            data_dir=str(tmp_path / "data"), name="bpe", num_proc=1))
-    train(TrainConfig(dataset="bpe", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "base"), n_layer=1,
-                      n_head=2, n_embd=16, block_size=32, batch_size=2, gradient_accumulation_steps=1, max_iters=2,
-                      eval_interval=2, eval_iters=1, device="cpu", compile=False))
+    get_dataset("text").prepare(TextOptions(input=str(tmp_path / "sonnet.txt"), tokenizer="bpe",
+                                            vocab_size=300, data_dir=str(tmp_path / "data"), name="bpe",
+                                            num_proc=1))
+    train(TrainConfig(dataset="bpe", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "base"),
+                      n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=2,
+                      gradient_accumulation_steps=1, max_iters=2, eval_interval=2, eval_iters=1, device="cpu",
+                      compile=False))
     data = write_jsonl(tmp_path / "c.jsonl", reverse_tasks(WORDS, 2))
     assert sft(tmp_path / "base", data, tmp_path / "run", "--max_iters=4", "--eval_interval=2") == 0
     shutil.rmtree(tmp_path / "data")  # the finetuned run carries its tokenizer

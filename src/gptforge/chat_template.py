@@ -7,12 +7,12 @@ Each message is its role's marker, its content's ids, and the end-of-turn marker
 The four markers are special tokens, ids no text encodes to: the four ids right after the tokenizer's own
 vocabulary (50257..50260 for GPT-2's BPE, which a 50304-row model already has free; a char or trained-BPE
 vocabulary of V gets V..V+3, and a model without those rows grows them). A prompt for the model's answer ends
-with `<|assistant|>`; the answer ends at `<|end|>`. Training learns only what the assistant says: its content and
-its `<|end|>` are the targets, everything else is context.
+with `<|assistant|>`; the answer ends at `<|end|>`. Training learns only what the assistant says: its content
+and its `<|end|>` are the targets, everything else is context.
 
-The template is stored with every run that uses it (its checkpoint and exports, as `spec()`), so sampling, chat,
-serving, evaluation and export render exactly what training saw. This module knows tokenizers and ids, nothing of
-models, files or HTTP.
+The template is stored with every run that uses it (its checkpoint and exports, as `spec()`), so sampling,
+chat, serving, evaluation and export render exactly what training saw. This module knows tokenizers and ids,
+nothing of models, files or HTTP.
 """
 
 from collections.abc import Sequence
@@ -28,7 +28,8 @@ ROLES = ("system", "user", "assistant")
 MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
 # The same rendering as a Jinja template, for Hugging Face's `apply_chat_template` (tokenizer_config.json).
 JINJA = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
@@ -72,7 +73,8 @@ class ChatTemplate:
         self, tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         """The ids of `messages` and, per id, whether training predicts it (the assistant's content and its
-        end-of-turn). With `add_generation_prompt`, the ids end with the assistant's marker: the model answers."""
+        end-of-turn). With `add_generation_prompt`, the ids end with the assistant's marker: the model
+        answers."""
         ids: list[int] = []
         targets: list[bool] = []
         for message in messages:
@@ -93,11 +95,13 @@ class ChatTemplate:
 
 
 def check_message(message: Any) -> None:
-    """A message is {"role": system|user|assistant, "content": a string}; anything else is an error saying so."""
+    """A message is {"role": system|user|assistant, "content": a string}; anything else is an error
+    saying so."""
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         raise GptforgeError(f"a message must be an object with a string 'content', got {str(message)[:80]!r}")
     if message.get("role") not in ROLES:
-        raise GptforgeError(f"unknown role {message.get('role')!r}: a message's role is one of {', '.join(ROLES)}")
+        raise GptforgeError(f"unknown role {message.get('role')!r}: a message's role is one of "
+                            f"{', '.join(ROLES)}")
 
 
 class ChatTokenizer(Tokenizer):

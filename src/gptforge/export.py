@@ -115,8 +115,8 @@ def load_export(directory: str | Path) -> GPT:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
-    """The tokenizer's spec (a chat model's with its template) beside the weights, and a trained BPE's own file
-    as `gptforge_bpe.json` (`tokenizer.json` is Hugging Face's, which a chat model's markers extend)."""
+    """The tokenizer's spec (a chat model's with its template) beside the weights, and a trained BPE's own
+    file as `gptforge_bpe.json` (`tokenizer.json` is Hugging Face's, which a chat model's markers extend)."""
     directory = Path(directory)
     spec = tokenizer.spec()
     base = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer

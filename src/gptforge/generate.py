@@ -53,7 +53,8 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy at temperature 0, else sampled from the filtered softmax."""
+    """One token per row from logits (B, V): greedy at temperature 0, else sampled from the filtered
+    softmax."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
@@ -91,7 +92,8 @@ def stream(
     is left as it is: call `model.eval()` first so that dropout is off.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"idx must be a (batch, time) tensor with at least one token, got shape {tuple(idx.shape)}")
+        raise ValueError("idx must be a (batch, time) tensor with at least one token, got shape "
+                         f"{tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, T = idx.shape

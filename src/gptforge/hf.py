@@ -167,7 +167,8 @@ def save_hf_gpt2(
     `bias=False` models get zero biases (the same function); a padded vocabulary (e.g. 50304) stays as it is.
     A model with any of the `ARCHITECTURE_OPTIONS` off GPT-2's value is refused, naming them. `eot_token` (the
     tokenizer's end-of-text, GPT-2's by default) becomes bos/eos where the vocabulary has it, else they are
-    written as null, and a chat model's `end_of_turn` also ends generation: left out, transformers would take GPT-2's 50256, a row a small vocabulary does not have.
+    written as null, and a chat model's `end_of_turn` also ends generation: left out, transformers would take
+    GPT-2's 50256, a row a small vocabulary does not have.
     """
     if not isinstance(model, GPT):
         raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
@@ -268,7 +269,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, block_size: i
         if markers[0][0] != fast.get_vocab_size(with_added_tokens=True):
             raise GptforgeError("the chat template's markers do not follow the tokenizer's vocabulary")
         fast.add_special_tokens([text for _, text in markers])
-        special = {**special, "eos_token": MARKERS["end"], "additional_special_tokens": list(MARKERS.values())}
+        special = {**special, "eos_token": MARKERS["end"],
+                   "additional_special_tokens": list(MARKERS.values())}
     atomic_write_text(directory / "tokenizer.json", fast.to_str())
     config = {"tokenizer_class": tokenizer_class, "model_max_length": block_size, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, **special,

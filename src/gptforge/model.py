@@ -374,15 +374,17 @@ class GPT(nn.Module):
                 module.dropout = p
 
     def resize_vocab(self, vocab_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Grow the token embedding (and the head, tied or not) to `vocab_size` rows, e.g. for a chat template's
-        special tokens; the new rows are `rows`, else drawn as GPT-2's init, and returned. The old rows keep
-        their weights."""
+        """Grow the token embedding (and the head, tied or not) to `vocab_size` rows, e.g. for a chat
+        template's special tokens; the new rows are `rows`, else drawn as GPT-2's init, and returned. The old
+        rows keep their weights."""
         old = self.config.vocab_size
         if vocab_size < old:
             raise ValueError(f"resize_vocab only grows the vocabulary: {vocab_size} < {old}")
         wte = self.transformer.wte.weight
         if rows is None:
-            rows = torch.empty(vocab_size - old, wte.size(1), dtype=wte.dtype, device=wte.device).normal_(0.0, 0.02)
+            rows = torch.empty(
+                vocab_size - old, wte.size(1), dtype=wte.dtype, device=wte.device
+            ).normal_(0.0, 0.02)
         rows = rows.to(wte)
         self.transformer.wte.weight = nn.Parameter(torch.cat([wte.detach(), rows]))
         self.transformer.wte.num_embeddings = vocab_size

@@ -54,8 +54,8 @@ def load_run(
 
 
 def adapted_model(ckpt: dict[str, Any], mirror: Path | None = None) -> GPT:
-    """A LoRA run's model, adapters not merged: its base (named in the checkpoint, its fingerprint checked), the
-    rows the chat template grew, and the adapters."""
+    """A LoRA run's model, adapters not merged: its base (named in the checkpoint, its fingerprint checked),
+    the rows the chat template grew, and the adapters."""
     from gptforge.source import load_source  # a base is itself a source (a run, an export, HF GPT-2)
 
     sft = ckpt["sft"]

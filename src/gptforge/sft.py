@@ -2,14 +2,15 @@
 
 The base is a gptforge run directory, GPT-2 (`gpt2*`) or a Hugging Face GPT-2 directory, with the tokenizer it
 was trained with. The chat template's four markers take the ids right after that tokenizer's vocabulary
-(chat_template.py); a model without those rows grows them, and says so. The conversations (data/conversations.py)
-then train through the very `Trainer` of pretraining, so every training option, exact resume (kill -9 included)
-and torchrun's world-size-independent batches hold as they do there; the loss is on what the assistant says.
+(chat_template.py); a model without those rows grows them, and says so. The conversations
+(data/conversations.py) then train through the very `Trainer` of pretraining, so every training option, exact
+resume (kill -9 included) and torchrun's world-size-independent batches hold as they do there; the loss is on
+what the assistant says.
 
-With `--lora_rank`, the base is frozen and only LoRA adapters train (lora.py): the optimizer holds the adapters
-alone, and the checkpoint holds the adapters, the rows the template grew, and the base's name and fingerprint,
-from which every reader rebuilds the model (runs.py). `gptforge export` merges the adapters into the weights.
-This module wires those pieces; it knows no HTTP and writes only through the trainer.
+With `--lora_rank`, the base is frozen and only LoRA adapters train (lora.py): the optimizer holds the
+adapters alone, and the checkpoint holds the adapters, the rows the template grew, and the base's name and
+fingerprint, from which every reader rebuilds the model (runs.py). `gptforge export` merges the adapters into
+the weights. This module wires those pieces; it knows no HTTP and writes only through the trainer.
 """
 
 import dataclasses
@@ -41,7 +42,9 @@ class SFTConfig(TrainConfig):
 
     init_from: str = option("", "the base: a run directory, gpt2*, a Hugging Face GPT-2 directory; or resume")
     out_dir: str = option("out-sft", "the finetuned run's directory")
-    data: str = option("", "conversations: a .jsonl file (OpenAI messages or Alpaca lines) or a HF dataset id")
+    data: str = option(
+        "", "conversations: a .jsonl file (OpenAI messages or Alpaca lines) or a HF dataset id"
+    )
     val_data: str | None = option(None, "held-out conversations (default: --val_fraction of --data)")
     val_fraction: float = option(0.05, "the share of --data held out when there is no --val_data")
     block_size: int = option(1024, "the context: conversations longer are dropped (at most the base's)")
@@ -56,7 +59,9 @@ class SFTConfig(TrainConfig):
     eval_iters: int = option(20, "batches per split in each evaluation")
     weight_decay: float = option(0.0, "AdamW weight decay")
     mirror: str | None = option(None, "local mirror of the tokenizer files (default: $GPTFORGE_DATA_MIRROR)")
-    lora_rank: int | None = option(None, "train LoRA adapters of this rank, the base frozen (None: every weight)")
+    lora_rank: int | None = option(
+        None, "train LoRA adapters of this rank, the base frozen (None: every weight)"
+    )
     lora_alpha: float = option(16.0, "LoRA's scale is lora_alpha / lora_rank")
     lora_targets: str = option("c_attn", f"the linears LoRA adapts, comma-separated: {', '.join(TARGETS)}")
     lora_dropout: float = option(0.0, "dropout on the LoRA path")
@@ -82,7 +87,8 @@ def sft(cfg: SFTConfig) -> Progress:
 
 
 def finetuner(cfg: SFTConfig, d: distrib.Dist) -> Trainer:
-    """The trainer of a finetuning run: its base (or its own checkpoint, resumed), template and conversations."""
+    """The trainer of a finetuning run: its base (or its own checkpoint, resumed), template and
+    conversations."""
     if not cfg.init_from:
         raise GptforgeError("name the base model: --init_from=RUN_DIR, gpt2* or an HF GPT-2 directory")
     if not cfg.data:
@@ -137,8 +143,8 @@ def base_model(cfg: SFTConfig, mirror, say) -> tuple[GPT, Tokenizer, ChatTemplat
         old = model.config.vocab_size
         torch.manual_seed(cfg.seed)
         state["grown_rows"] = model.resize_vocab(template.vocab_size)
-        say(f"the chat template's markers need ids {template.system}..{template.end}: the {old}-row embedding "
-            f"grows to {template.vocab_size} rows")
+        say(f"the chat template's markers need ids {template.system}..{template.end}: the {old}-row "
+            f"embedding grows to {template.vocab_size} rows")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     return model, tokenizer, template, state
@@ -154,5 +160,6 @@ def conversations(cfg: SFTConfig, tokenizer: Tokenizer, template: ChatTemplate, 
     for name, split in (("train", train), ("val", val)):
         if split.dropped:
             say(f"{split.dropped} {name} conversation(s) longer than block_size={cfg.block_size} dropped")
-    say(f"conversations: {len(train):,} train, {len(val):,} val, {int(train.n_targets.sum()):,} train targets")
+    say(f"conversations: {len(train):,} train, {len(val):,} val, "
+        f"{int(train.n_targets.sum()):,} train targets")
     return ConversationData(train, val, tokenizer, template)

@@ -86,10 +86,11 @@ class Progress:
     elapsed_s: float = 0.0  # wall time of training steps, compile included, eval and checkpoints excluded
 
 
-def run_config(files: list[str], overrides: dict[str, Any], defaults: TrainConfig | None = None) -> TrainConfig:
-    """The config of a `gptforge train` (or `sft`, with its `defaults`) command line. A resumed run starts from
-    the config it was saved with, so `--init_from=resume --out_dir=DIR` alone continues it; files and overrides
-    then change what they name."""
+def run_config(files: list[str], overrides: dict[str, Any],
+               defaults: TrainConfig | None = None) -> TrainConfig:
+    """The config of a `gptforge train` (or `sft`, with its `defaults`) command line. A resumed run starts
+    from the config it was saved with, so `--init_from=resume --out_dir=DIR` alone continues it; files and
+    overrides then change what they name."""
     defaults = defaults or TrainConfig()
     # which run: a resumed run's other options are checked against its saved config, not against the defaults
     where = load_train_config(files, {k: v for k, v in overrides.items() if k in ("init_from", "out_dir")},

@@ -2,15 +2,16 @@
 
 Input is JSON Lines, one conversation a line, in OpenAI's shape (`{"messages": [{"role": "system" | "user" |
 "assistant", "content": "..."}, ...]}`) or Alpaca's (`{"instruction", "input", "output"}`: the instruction and
-input are the user's turn, the output the assistant's), or a Hugging Face dataset id of either shape. A line that
-is neither is an error naming the file and line; a conversation longer than the model's context is dropped and
-counted, as users of SFT trainers expect.
+input are the user's turn, the output the assistant's), or a Hugging Face dataset id of either shape. A line
+that is neither is an error naming the file and line; a conversation longer than the model's context is
+dropped and counted, as users of SFT trainers expect.
 
 Each conversation becomes one row: its ids, and targets only where the assistant speaks (`chat_template.py`);
-rows are padded, never packed, so no conversation attends into another. A step's global batch is a pure function
-of (seed, split, step), each epoch visiting every conversation once in a fresh order, and the loss of a step is
-the mean over all its target tokens, whichever process or micro-step holds them: so resume and torchrun behave
-exactly as for pretraining (batches.py). This module knows text, the tokenizer and the template, not models.
+rows are padded, never packed, so no conversation attends into another. A step's global batch is a pure
+function of (seed, split, step), each epoch visiting every conversation once in a fresh order, and the loss of
+a step is the mean over all its target tokens, whichever process or micro-step holds them: so resume and
+torchrun behave exactly as for pretraining (batches.py). This module knows text, the tokenizer and the
+template, not models.
 """
 
 import json
@@ -42,8 +43,8 @@ def read_records(source: str) -> Iterator[tuple[str, Any]]:
                 try:
                     yield f"{path}:{number}", json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise GptforgeError(f"{path}:{number}: not a JSON line ({e}); each line is one conversation"
-                                        ) from None
+                    raise GptforgeError(f"{path}:{number}: not a JSON line ({e}); each line is one "
+                                        "conversation") from None
         return
     if path.suffix in (".jsonl", ".json") or path.exists():
         raise GptforgeError(f"--data={source}: no such file (a .jsonl file, or a Hugging Face dataset id)")
@@ -56,14 +57,15 @@ def read_records(source: str) -> Iterator[tuple[str, Any]]:
         rows = datasets.load_dataset(source, split="train")
     except Exception as e:  # the hub client raises many unrelated types when offline or refused
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GptforgeError(f"cannot load {source} from the Hugging Face hub: {reason}; offline? pass a local "
-                            "--data=FILE.jsonl") from None
+        raise GptforgeError(f"cannot load {source} from the Hugging Face hub: {reason}; offline? pass a "
+                            "local --data=FILE.jsonl") from None
     for number, row in enumerate(rows):
         yield f"{source}[{number}]", row
 
 
 def to_messages(record: Any, where: str) -> list[dict[str, str]]:
-    """A record's messages: OpenAI's `messages` as they are, Alpaca's fields as a user and an assistant turn."""
+    """A record's messages: OpenAI's `messages` as they are, Alpaca's fields as a user and an assistant
+    turn."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         messages = record["messages"]
     elif isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("instruction", "output")):
@@ -73,8 +75,8 @@ def to_messages(record: Any, where: str) -> list[dict[str, str]]:
         prompt = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
     else:
-        raise GptforgeError(f"{where}: neither {{\"messages\": [...]}} (OpenAI) nor {{\"instruction\", \"input\", "
-                            "\"output\"}} (Alpaca)")
+        raise GptforgeError(f"{where}: neither {{\"messages\": [...]}} (OpenAI) nor {{\"instruction\", "
+                            "\"input\", \"output\"} (Alpaca)")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise GptforgeError(f"{where}: the conversation has no assistant turn, so nothing to learn")
     return messages
@@ -89,7 +91,8 @@ class Conversations:
         self.n_targets = np.array([int(t[1:].sum()) for t in targets], dtype=np.int64)
 
     @classmethod
-    def read(cls, source: str, tokenizer: Tokenizer, template: ChatTemplate, block_size: int) -> "Conversations":
+    def read(cls, source: str, tokenizer: Tokenizer, template: ChatTemplate,
+             block_size: int) -> "Conversations":
         """Every conversation of `source`, rendered; those longer than the context are dropped and counted."""
         ids, targets, dropped = [], [], 0
         for where, record in read_records(source):
@@ -109,7 +112,8 @@ class Conversations:
         return cls(source, ids, targets, dropped)
 
     def split(self, fraction: float, seed: int) -> tuple["Conversations", "Conversations"]:
-        """(train, val): a seeded `fraction` of the conversations (at least one) held out, the rest in order."""
+        """(train, val): a seeded `fraction` of the conversations (at least one) held out, the rest in
+        order."""
         if len(self) < 2:
             raise GptforgeError(f"--data={self.source} has one conversation: give --val_data, or more data")
         n_val = min(max(1, round(len(self) * fraction)), len(self) - 1)
@@ -155,7 +159,8 @@ class ConversationBatches:
         self.step = 0
 
     def indices(self, step: int) -> np.ndarray:
-        """The conversations of global step `step`: every epoch visits each once, in an order drawn per epoch."""
+        """The conversations of global step `step`: every epoch visits each once, in an order drawn per
+        epoch."""
         n = len(self.conversations)
         rows = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epochs, positions = np.divmod(rows, n)
@@ -170,23 +175,24 @@ class ConversationBatches:
         return x.to(self.device), y.to(self.device)
 
     def loss_weights(self, step: int, micro_steps: int) -> list[float]:
-        """Each micro-batch's weight, so that its mean loss times the weight, summed over micro-steps and averaged
-        over processes (DDP), is the mean over every target token of the global batch."""
+        """Each micro-batch's weight, so that its mean loss times the weight, summed over micro-steps and
+        averaged over processes (DDP), is the mean over every target token of the global batch."""
         counts = self.conversations.n_targets[self.indices(step)]
         total = max(int(counts.sum()), 1)
         mine = counts[self._rows].reshape(micro_steps, -1).sum(axis=1)
         return [self.world_size * int(c) / total for c in mine]
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size,
-                "conversations": len(self.conversations)}
+        return {"step": self.step, "seed": self.seed, "block_size": self.block_size,
+                "batch_size": self.batch_size, "conversations": len(self.conversations)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         mine = self.state_dict()
         changed = [k for k in mine if k != "step" and int(state.get(k, -1)) != mine[k]]
         if changed:
             diffs = ", ".join(f"{k} {state.get(k)} -> {mine[k]}" for k in changed)
-            raise GptforgeError(f"cannot resume the data order: the conversations or batch settings changed ({diffs})")
+            raise GptforgeError("cannot resume the data order: the conversations or batch settings changed "
+                                f"({diffs})")
         self.step = int(state["step"])
 
     def close(self) -> None:
@@ -197,7 +203,8 @@ class ConversationData:
     """Conversations as the trainer draws from them (`train.TrainingData`): train and val, their batches, and
     what a checkpoint records (the tokenizer and the chat template)."""
 
-    def __init__(self, train: Conversations, val: Conversations, tokenizer: Tokenizer, template: ChatTemplate):
+    def __init__(self, train: Conversations, val: Conversations, tokenizer: Tokenizer,
+                 template: ChatTemplate):
         self.splits = {"train": train, "val": val}
         self.tokenizer, self.template = tokenizer, template
         self.name = Path(train.source).name
