@@ -13,6 +13,7 @@ This module reads a run (runs.py) and writes files; how a format maps the model 
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,7 @@ from gptforge.errors import GptforgeError
 from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT, GPTConfig
-from gptforge.runs import load_run
+from gptforge.runs import Run, load_run
 from gptforge.tokenizer import BPETokenizer, Tokenizer, from_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -66,14 +67,26 @@ def export(opts: ExportOptions) -> Path:
     to = Path(opts.to)
     check_writable(to, "--to")
     run = load_run(opts.out_dir, opts.which, opts.data_dir, mirror_dir(opts.mirror))
-    if opts.format == "hf":
-        end_of_turn = run.chat_template.end if run.chat_template is not None else None
-        save_hf_gpt2(run.model, to, run.tokenizer.eot_token, end_of_turn)
-        save_hf_tokenizer(run.tokenizer, to, run.model.config.block_size)
-    else:
-        save_export(run.model, to)
-    save_tokenizer(run.tokenizer, to)
+    WRITERS[opts.format](run, to)
     return to
+
+
+def write_hf(run: Run, to: Path) -> None:
+    """A Hugging Face GPT-2 directory with the run's tokenizer (and chat template)."""
+    end_of_turn = run.chat_template.end if run.chat_template is not None else None
+    save_hf_gpt2(run.model, to, run.tokenizer.eot_token, end_of_turn)
+    save_hf_tokenizer(run.tokenizer, to, run.model.config.block_size)
+    save_tokenizer(run.tokenizer, to)
+
+
+def write_safetensors(run: Run, to: Path) -> None:
+    """gptforge's own state dict and config, with the run's tokenizer."""
+    save_export(run.model, to)
+    save_tokenizer(run.tokenizer, to)
+
+
+# One writer per --format: (run, destination) -> files.
+WRITERS: dict[str, Callable[[Run, Path], None]] = {"hf": write_hf, "safetensors": write_safetensors}
 
 
 def save_export(model: GPT, directory: str | Path) -> None:
