@@ -1,7 +1,8 @@
 """Tests for gptforge.evaluate and gptforge.data.eval_sets: every task against an independent reference (a
 tiny random HF GPT2LMHeadModel with GPT-2's vocabulary, scored one example at a time with plain HF forward
 passes) on the first examples of the real files in the mirror; batch-size independence; both HellaSwag
-formats; errors.
+formats; errors. The chat task: a tiny finetuned char run's batched answers against `generate.stream`'s, one
+conversation at a time.
 
     .venv/bin/python -m pytest tests/test_eval.py
 """
@@ -19,12 +20,16 @@ import torch
 from mirror_data import MIRROR, needs_mirror
 from tiny_run import tiny_run
 
+from gptforge.chat_template import ChatTemplate
+from gptforge.checkpoint import load_checkpoint, save_checkpoint
 from gptforge.cli import main
 from gptforge.data import eval_sets
 from gptforge.errors import GptforgeError
-from gptforge.evaluate import EvalOptions, Request, Scorer, evaluate, fit_context, windows
+from gptforge.evaluate import EvalOptions, Request, Scorer, evaluate, fit_context, normalize, windows
+from gptforge.generate import stream
 from gptforge.model import GPT
 from gptforge.options import apply_overrides
+from gptforge.source import load_source
 from gptforge.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -299,3 +304,234 @@ def test_a_results_file_that_is_not_json_is_left_alone(hf_dir, tmp_path, capsys)
                  f"--to={out}"]) == 2
     assert "is not a JSON results file" in capsys.readouterr().err
     assert out.read_text() == "not json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --task=chat: a tiny char run finetuned for ten steps; its sonnet vocabulary spells every prompt below.
+
+CHAT_WORDS = ["thee", "day", "May", "summer", "fair", "eyes", "time", "death", "shade", "gold", "lines",
+              "life"]
+
+
+def spell(word: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Spell {word}."}, {"role": "assistant", "content": " ".join(word)}]
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A finetuned run: `gptforge sft` of the tiny char run, its weights then jittered. Ten steps teach the
+    tiny model to answer spaces alone; the jitter (and a larger end-of-turn row of the head) makes greedy
+    answers varied, some ending at <|end|> early, some running to the context, some holding marker text."""
+    root = tmp_path_factory.mktemp("chat-run")
+    base = tiny_run(root)
+    data = root / "train.jsonl"
+    write_jsonl(data, [record for word in CHAT_WORDS for record in (
+        {"messages": spell(word)},
+        {"instruction": "Reverse the word.", "input": word, "output": word[::-1]},
+    )])
+    run = root / "sft"
+    assert main(["sft", f"--init_from={base}", f"--data={data}", f"--out_dir={run}", "--max_iters=10",
+                 "--device=cpu", "--eval_interval=5", "--eval_iters=2", "--batch_size=4"]) == 0
+    ckpt = load_checkpoint(run, which="best")
+    end = ChatTemplate.from_spec(ckpt["chat_template"]).end
+    generator = torch.Generator().manual_seed(0)
+    ckpt["model"] = {name: weight + 0.1 * torch.randn(weight.shape, generator=generator)
+                     for name, weight in ckpt["model"].items()}
+    ckpt["model"]["lm_head.weight"][end] *= 3
+    save_checkpoint(run, ckpt, best=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def chat_source(chat_run):
+    source = load_source(str(chat_run))
+    source.model.eval()
+    return source
+
+
+# What comes before each held-out conversation's last assistant turn: system prompts, earlier turns, and
+# turns after it (ignored), in OpenAI's shape; the Alpaca lines are added by `held_out`.
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "Spell thee."}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Spell day."}],
+    [*spell("May"), {"role": "user", "content": "Again."}],
+    [{"role": "user", "content": "Spell fair."}],
+    [{"role": "user", "content": "Spell gold, then lines."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Spell life?"}],
+]
+ALPACA_WORDS = ["summer", "eyes", "time"]
+TOO_LONG = [{"role": "user", "content": "Spell every word of the sonnet, one at a time."}]
+
+
+def reference_answer(source, messages, max_new_tokens: int = 64) -> str:
+    """The greedy answer to `messages` decoded alone by `generate.stream`: up to the end-of-turn marker, at
+    most `max_new_tokens`, and no further than the context."""
+    template = source.chat_template
+    prompt, _ = template.render(source.tokenizer, messages, add_generation_prompt=True)
+    budget = min(max_new_tokens, source.model.config.block_size + 1 - len(prompt))
+    ids = []
+    for token in stream(source.model, torch.tensor([prompt]), budget, temperature=0.0,
+                        stop_tokens=[template.end]):
+        if int(token) == template.end:
+            break
+        ids.append(int(token))
+    return source.tokenizer.decode(ids)
+
+
+def held_out(source, path, max_new_tokens: int = 64) -> list[tuple[str, str]]:
+    """Write a held-out file whose references are, in turn, the model's own answer (exact), the answer
+    uppercased amid spaces and a full stop (normalized only), and the answer plus a word (neither); and a
+    conversation whose prompt does not fit, last. Returns (answer, reference) per scored conversation."""
+    alpaca = [[{"role": "user", "content": f"Reverse the word.\n\n{w}"}] for w in ALPACA_WORDS]
+    prompts = [*CHAT_PROMPTS, *alpaca]
+    records, pairs = [], []
+    for i, messages in enumerate(prompts):
+        answer = reference_answer(source, messages, max_new_tokens)
+        reference = [answer, f"  {answer.upper()} . ", f"{answer} no"][i % 3]
+        pairs.append((answer, reference))
+        if i >= len(CHAT_PROMPTS):
+            records.append({"instruction": "Reverse the word.", "input": ALPACA_WORDS[i - len(CHAT_PROMPTS)],
+                            "output": reference})
+        elif i == 2:  # a turn after the last assistant one is not part of the prompt
+            records.append({"messages": [*messages, {"role": "assistant", "content": reference},
+                                         {"role": "user", "content": "Thanks."}]})
+        else:
+            records.append({"messages": [*messages, {"role": "assistant", "content": reference}]})
+    records.append({"messages": [*TOO_LONG, {"role": "assistant", "content": "no"}]})
+    write_jsonl(path, records)
+    return pairs
+
+
+def expected_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """exact and normalized by the definition in docs/evaluation.md, computed here on its own."""
+    def norm(text: str) -> str:
+        words = text.lower().split()
+        return re.sub(r"^[\s!-/:-@\[-`{-~]+|[\s!-/:-@\[-`{-~]+$", "", " ".join(words))
+
+    return {"exact": float(np.mean([a == r for a, r in pairs])),
+            "normalized": float(np.mean([norm(a) == norm(r) for a, r in pairs]))}
+
+
+def test_normalize_lowercases_collapses_whitespace_and_strips_surrounding_punctuation():
+    assert normalize("  The\tCAT\n sat. ") == "the cat sat"
+    assert normalize('"t a c"!') == "t a c"
+    assert normalize("... it's - ok ?!") == "it's - ok"  # inner punctuation stays
+    assert normalize(" .,! ") == normalize("") == ""
+    assert normalize("«tac»") == "«tac»"  # only ASCII punctuation is stripped
+
+
+def test_batched_chat_answers_are_the_answers_decoded_alone(chat_source):
+    template = chat_source.chat_template
+    prompts = [template.render(chat_source.tokenizer, m, add_generation_prompt=True)[0] for m in CHAT_PROMPTS]
+    for max_new_tokens in (64, 5):
+        alone = [reference_answer(chat_source, m, max_new_tokens) for m in CHAT_PROMPTS]
+        for batch_size in (2, 64):
+            scorer = Scorer(chat_source.model, batch_size=batch_size, progress=False)
+            answers = scorer.answer(prompts, template.end, max_new_tokens)
+            assert [chat_source.tokenizer.decode(a) for a in answers] == alone
+            assert all(template.end not in a for a in answers)
+            block = chat_source.model.config.block_size
+            budgets = [min(max_new_tokens, block + 1 - len(p)) for p in prompts]
+            assert all(len(a) <= b for a, b in zip(answers, budgets, strict=True))
+        # both ways an answer ends are here: at <|end|>, and at its budget
+        lengths = [len(a) for a in answers]
+        assert any(n < b for n, b in zip(lengths, budgets, strict=True)) and any(
+            n == b for n, b in zip(lengths, budgets, strict=True))
+        assert len(set(alone)) > 3
+
+
+def test_chat_scores_the_greedy_answers_at_any_batch_size(chat_run, chat_source, tmp_path, capsys):
+    data = tmp_path / "held_out.jsonl"
+    pairs = held_out(chat_source, data)
+    expected = expected_metrics(pairs)
+    assert 0 < expected["exact"] < expected["normalized"] < 1  # the file tells the two apart
+    for batch_size in (3, 8):
+        result = run_eval(tmp_path, out_dir=str(chat_run), task="chat", data=str(data),
+                          batch_size=batch_size)["chat"]
+        assert result == {"task": "chat", "n": len(pairs), **expected, "dropped": 1, "max_new_tokens": 64}
+    assert "1 conversation(s) whose prompt is longer than block_size=32 left out" in capsys.readouterr().err
+
+    # --limit: the first conversations of the file; --max_new_tokens: answers as long as that at most
+    limited = run_eval(tmp_path, out_dir=str(chat_run), task="chat", data=str(data), limit=4)["chat"]
+    assert limited == {"task": "chat", "n": 4, **expected_metrics(pairs[:4]), "dropped": 0,
+                       "max_new_tokens": 64}
+    short = held_out(chat_source, tmp_path / "short.jsonl", max_new_tokens=3)
+    result = run_eval(tmp_path, out_dir=str(chat_run), task="chat", data=str(tmp_path / "short.jsonl"),
+                      max_new_tokens=3)["chat"]
+    assert result["max_new_tokens"] == 3 and result["exact"] == expected_metrics(short)["exact"]
+
+
+def test_the_chat_task_prints_its_columns_and_merges_into_eval_json(chat_run, chat_source, tmp_path, capsys):
+    data = tmp_path / "held_out.jsonl"
+    expected = expected_metrics(held_out(chat_source, data))
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"hellaswag": {"acc": 0.5}}))
+    assert main(["eval", f"--out_dir={chat_run}", "--task=chat", f"--data={data}", "--device=cpu",
+                 f"--to={out}", "--json", "--batch_size=4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["task", "n", "exact", "normalized"]
+    assert lines[1].split() == ["chat", "9", f"{expected['exact']:.4f}", f"{expected['normalized']:.4f}"]
+    tail = json.loads(lines[-1])
+    assert tail["task"] == "chat" and tail["exact"] == expected["exact"]
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"hellaswag", "chat"}
+    assert saved["chat"]["normalized"] == expected["normalized"] and saved["chat"]["model"] == str(chat_run)
+    assert saved["chat"]["iter_num"] == 10
+
+
+def test_the_chat_options_have_help(capsys):
+    assert main(["eval", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--data=" in text and "--max_new_tokens=64" in text and "chat" in text
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (['{"messages": [{"role": "user", "content": "Spell day."}]}'],
+     ":1: the conversation has no assistant turn"),
+    ([json.dumps({"messages": spell("day")}), "{not json"], ":2: not a JSON line"),
+    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}, spell("day")[1]]})], ":1: unknown role"),
+    ([json.dumps({"messages": [spell("day")[0], {"role": "assistant", "content": 3}]})],
+     ":1: a message must be an object with a string 'content'"),
+    ([json.dumps({"messages": spell("day")}), json.dumps({"messages": spell("zebra")})],
+     ":2: "),  # 'z' is not in the sonnet's characters
+    ([json.dumps({"messages": [*TOO_LONG, {"role": "assistant", "content": "no"}]})],
+     "has no conversation whose prompt fits block_size=32 (1 longer ones left out)"),
+])
+def test_bad_conversations_are_file_line_errors(chat_run, tmp_path, capsys, lines, message):
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert main(["eval", f"--out_dir={chat_run}", "--task=chat", f"--data={data}", "--device=cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("gptforge eval: error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+    if message.startswith(":"):
+        assert f"{data}{message}" in captured.err
+    assert not (chat_run / "eval.json").exists()  # the error came before any work
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task=chat"], "--task=chat needs --data=CONVERSATIONS.jsonl"),
+    (["--task=val", "--data=held_out.jsonl"], "--data=held_out.jsonl is read by --task=chat only"),
+    (["--task=chat", "--data=held_out.jsonl", "--max_new_tokens=0"], "--max_new_tokens=0 must be at least 1"),
+    (["--task=chat", "--data=nowhere.jsonl"], "--data=nowhere.jsonl: no such file"),
+])
+def test_bad_chat_options_are_one_line_errors(chat_run, capsys, args, message):
+    assert main(["eval", f"--out_dir={chat_run}", "--device=cpu", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("gptforge eval: error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
+def test_a_base_model_has_no_chat_to_score(char_run, tmp_path, capsys):
+    data = tmp_path / "held_out.jsonl"
+    write_jsonl(data, [{"messages": spell("day")}])
+    assert main(["eval", f"--out_dir={char_run}", "--task=lambada,chat", f"--data={data}",
+                 "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--task=chat needs a finetuned assistant: {char_run} has no chat template" in err

@@ -1,10 +1,11 @@
-"""`gptforge eval`: score a run or a pretrained model on its val split, WikiText-2, LAMBADA and HellaSwag.
+"""`gptforge eval`: score a run or a pretrained model on its val split, WikiText-2, LAMBADA and HellaSwag,
+and a finetuned assistant on held-out conversations.
 
-Every task reduces to one primitive: sequences of tokens of which a suffix is scored, each scored token given
-all the tokens before it (`score`). Sequences are sorted by length and forwarded in padded batches (right
-padding: causal attention never lets a padded position change a real one); the head runs only at the scored
-positions, and log-probabilities are summed in float64. So results do not depend on the batch size beyond
-float rounding.
+Every task but `chat` reduces to one primitive: sequences of tokens of which a suffix is scored, each scored
+token given all the tokens before it (`score`). Sequences are sorted by length and forwarded in padded batches
+(right padding: causal attention never lets a padded position change a real one); the head runs only at the
+scored positions, and log-probabilities are summed in float64. So results do not depend on the batch size
+beyond float rounding.
 
 - `val`: the run's whole val split in non-overlapping windows of block_size (+1 target): every token but the
   first scored once. `loss` (mean NLL per token, nats), `ppl`, and `bpb`: bits per UTF-8 byte of the text the
@@ -16,11 +17,20 @@ float rounding.
   convention).
 - `hellaswag`: each ending's `" " + ending` tokens scored after the context; `acc` picks the highest sum,
   `acc_norm` the highest sum per ending token (llm.c's way).
+- `chat`: each conversation of `--data` up to its last assistant turn, rendered with the run's chat
+  template, is answered greedily (until the template's end marker, `--max_new_tokens` or the context);
+  `exact` and `normalized` are the shares of answers equal to that turn's content, as they are and after
+  `normalize`. Prompts decode together, continuous-batching style: each prefilled alone into a slot of a
+  `SlotKVCache`, then every unfinished one advanced a token per batched forward, a finished one's slot taken
+  by the next prompt. Attention runs slot by slot, so answers depend on the batch size only by float rounding.
 """
 
+import itertools
 import json
 import math
+import string
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +42,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptforge.atomic import atomic_write_text, check_writable
+from gptforge.chat_template import check_message
 from gptforge.data import TokenDataset, eval_sets
+from gptforge.data.conversations import read_records, to_messages
 from gptforge.device import torch_dtype
 from gptforge.errors import GptforgeError
+from gptforge.kv_cache import SlotKVCache
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
 from gptforge.source import Source, SourceOptions
 from gptforge.tokenizer import Tokenizer, check_token_ids, encode_prompt
 
-TASKS = ("val", "wikitext2", "lambada", "hellaswag")
+TASKS = ("val", "wikitext2", "lambada", "hellaswag", "chat")
 RESULTS_FILE = "eval.json"
 HEAD_CHUNK = 1 << 26  # logits computed at once (elements): 256 MiB in float32, whatever the vocabulary
 
@@ -67,6 +80,15 @@ class EvalOptions(SourceOptions):
     stride: int | None = field(
         default=None, metadata={"help": "wikitext2 window step (default: block_size/2)"}
     )
+    data: str | None = field(
+        default=None,
+        metadata={"help": "--task=chat's conversations: a .jsonl file (OpenAI messages or Alpaca lines) "
+                  "or a HF dataset id; each is answered from before its last assistant turn"},
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "--task=chat: the most tokens of an answer (it ends at <|end|> or the context)"},
+    )
     json: bool = field(default=False, metadata={"help": "end stdout with one JSON line per task"})
     to: str | None = field(
         default=None,
@@ -90,6 +112,11 @@ class EvalOptions(SourceOptions):
             raise GptforgeError(f"--batch_size={self.batch_size} must be at least 1")
         if self.stride is not None and self.stride < 1:
             raise GptforgeError(f"--stride={self.stride} must be at least 1")
+        if self.max_new_tokens < 1:
+            raise GptforgeError(f"--max_new_tokens={self.max_new_tokens} must be at least 1")
+        if ("chat" in self.tasks()) != bool(self.data):
+            raise GptforgeError("--task=chat needs --data=CONVERSATIONS.jsonl" if not self.data else
+                                f"--data={self.data} is read by --task=chat only: add it to --task")
 
     def tasks(self) -> list[str]:
         return [t.strip() for t in self.task.split(",") if t.strip()]
@@ -116,7 +143,8 @@ class Scored:
 
 
 class Scorer:
-    """A model on a device, in eval mode, scoring batches of requests at a dtype."""
+    """A model on a device, in eval mode, at a dtype: scoring batches of requests (`score`), and answering
+    batches of prompts greedily (`answer`)."""
 
     def __init__(self, model: GPT, device: str = "cpu", dtype: str = "float32", batch_size: int = 32,
                  progress: bool = True):
@@ -193,6 +221,74 @@ class Scorer:
             Scored(lp, g)
             for lp, g in zip(np.split(logprob, splits), np.split(is_greedy, splits), strict=True)
         ]
+
+    @torch.inference_mode()
+    def answer(self, prompts: Sequence[Sequence[int]], stop: int, max_new_tokens: int,
+               desc: str = "") -> list[list[int]]:
+        """Each prompt's greedy continuation until `stop` (left out), `max_new_tokens` or the context's end.
+
+        At most `batch_size` prompts decode at once, each in a slot of a SlotKVCache: prefilled alone, then
+        advanced a token per batched forward with the others; a finished prompt's slot goes to the next one.
+        Each slot attends to its own keys only, so only the matmuls see the batch (float rounding)."""
+        block = self.model.config.block_size
+        too_long = [len(p) for p in prompts if not 0 < len(p) <= block]
+        if too_long:
+            raise GptforgeError(
+                f"a {too_long[0]}-token prompt does not fit the model's block_size of {block}"
+            )
+        # the last answer token is never fed back: a T-token prompt has room for block + 1 - T of them
+        budgets = [min(max_new_tokens, block + 1 - len(p)) for p in prompts]
+        answers: list[list[int]] = [[] for _ in prompts]
+        if not prompts:
+            return answers
+        autocast = self.dtype != torch.float32
+        cache = SlotKVCache(
+            self.model.config, min(self.batch_size, len(prompts)),
+            self.dtype if autocast else next(self.model.parameters()).dtype, self.device,
+            max_len=max(len(p) + b - 1 for p, b in zip(prompts, budgets, strict=True)),
+        )
+        slots: list[int | None] = [None] * len(cache.lengths)  # the prompt each slot decodes
+        last = [0] * len(slots)  # the token each busy slot feeds next
+        waiting = deque(range(len(prompts)))
+
+        def take(i: int, token: int) -> bool:
+            """Append `token` to answer i: whether it goes on."""
+            if token == stop:
+                return False
+            answers[i].append(token)
+            return len(answers[i]) < budgets[i]
+
+        device_type = torch.device(self.device).type
+        with (tqdm(total=len(prompts), unit="answer", desc=desc, disable=not self.progress,
+                   leave=False) as bar, torch.autocast(device_type, self.dtype, enabled=autocast)):
+            while waiting or any(i is not None for i in slots):
+                for slot in range(len(slots)):
+                    while slots[slot] is None and waiting:
+                        i = waiting.popleft()
+                        x = torch.tensor([prompts[i]], dtype=torch.long, device=self.device)
+                        logits, _ = self.model(x, kv_cache=cache.slot(slot))
+                        token = int(logits[0, -1].argmax())
+                        if take(i, token):
+                            cache.occupy(slot, len(prompts[i]))
+                            slots[slot], last[slot] = i, token
+                        else:
+                            bar.update()
+                busy = [slot for slot, i in enumerate(slots) if i is not None]
+                if not busy:
+                    continue
+                cache.rows = busy
+                x = torch.tensor([[last[slot]] for slot in busy], dtype=torch.long, device=self.device)
+                logits, _ = self.model(x, kv_cache=cache)
+                for slot, token in zip(busy, logits[:, -1].argmax(dim=-1).tolist(), strict=True):
+                    i = slots[slot]
+                    assert i is not None
+                    if take(i, token):
+                        last[slot] = token
+                    else:
+                        cache.free(slot)
+                        slots[slot] = None
+                        bar.update()
+        return answers
 
 
 def fit_context(request: Request, block_size: int) -> Request:
@@ -358,6 +454,76 @@ TASK_FUNCTIONS: dict[str, Callable[[TaskInputs], tuple[list[list[Request]], Fini
 }
 
 
+# The chat task decodes rather than scores: its conversations are read and rendered before any task runs
+# (a bad line fails before the work), then answered by the scorer's model.
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A held-out conversation: the prompt's ids (ending with the assistant's marker) and the reference
+    answer, the content of its last assistant turn."""
+
+    where: str  # file:line
+    prompt: list[int]
+    reference: str
+
+
+def normalize(text: str) -> str:
+    """`normalized`'s comparison form: lowercased, every run of whitespace one space, and the punctuation
+    (ASCII's, `string.punctuation`) and spaces at either end stripped. Inner punctuation and articles stay."""
+    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+
+
+def chat_examples(inputs: TaskInputs) -> tuple[list[ChatExample], int]:
+    """The first --limit conversations of --data as prompts and references, and how many were left out
+    because their prompt does not fit the context."""
+    source, data = inputs.source, inputs.opts.data
+    template = source.chat_template
+    if template is None:
+        raise GptforgeError(f"--task=chat needs a finetuned assistant: {source.name} has no chat template "
+                            "(finetune it with `gptforge sft`)")
+    block = source.model.config.block_size
+    examples, dropped = [], 0
+    for where, record in itertools.islice(read_records(str(data)), inputs.opts.limit):
+        try:
+            messages = to_messages(record, where)
+            last = max(i for i, m in enumerate(messages)
+                       if isinstance(m, dict) and m.get("role") == "assistant")
+            check_message(messages[last])
+            prompt, _ = template.render(inputs.tokenizer, messages[:last], add_generation_prompt=True)
+        except GptforgeError as e:
+            message = str(e)
+            raise GptforgeError(message if message.startswith(where) else f"{where}: {message}") from None
+        if len(prompt) > block:
+            dropped += 1
+            continue
+        examples.append(ChatExample(where, prompt, messages[last]["content"]))
+    if not examples:
+        raise GptforgeError(f"--data={data} has no conversation whose prompt fits block_size={block}"
+                            + (f" ({dropped} longer ones left out)" if dropped else ""))
+    if dropped:
+        print(f"--task=chat: {dropped} conversation(s) whose prompt is longer than block_size={block} "
+              "left out", file=sys.stderr)
+    return examples, dropped
+
+
+def task_chat(
+    inputs: TaskInputs, scorer: Scorer, examples: list[ChatExample], dropped: int
+) -> dict[str, Any]:
+    template = inputs.source.chat_template
+    assert template is not None  # chat_examples checked
+    answers = scorer.answer([e.prompt for e in examples], template.end, inputs.opts.max_new_tokens, "chat")
+    texts = [inputs.tokenizer.decode(a) for a in answers]
+    pairs = list(zip(texts, (e.reference for e in examples), strict=True))
+    return {
+        "n": len(examples),
+        "exact": float(np.mean([a == r for a, r in pairs])),
+        "normalized": float(np.mean([normalize(a) == normalize(r) for a, r in pairs])),
+        "dropped": dropped,
+        "max_new_tokens": inputs.opts.max_new_tokens,
+    }
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -378,12 +544,17 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
     path = results_path(opts, source)
     check_writable(path, "--to", directory=False)
     saved = read_results(path)  # before any work: a file that cannot take the results fails now
-    scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
     inputs = TaskInputs(source, opts)
+    chat = chat_examples(inputs) if "chat" in opts.tasks() else None  # a bad conversation fails now
+    scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
     results = {}
     for task in opts.tasks():
-        groups, finish = TASK_FUNCTIONS[task](inputs)
-        metrics = finish(scorer.score(groups, task))
+        if task == "chat":
+            assert chat is not None
+            metrics = task_chat(inputs, scorer, *chat)
+        else:
+            groups, finish = TASK_FUNCTIONS[task](inputs)
+            metrics = finish(scorer.score(groups, task))
         results[task] = {"task": task, **metrics}
     about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,
              "limit": opts.limit}
@@ -413,7 +584,7 @@ def read_results(path: Path) -> dict[str, Any]:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per task, one column per metric that any task has."""
-    columns = [c for c in ("n", "tokens", "acc", "acc_norm", "loss", "ppl", "bpb")
+    columns = [c for c in ("n", "tokens", "acc", "acc_norm", "exact", "normalized", "loss", "ppl", "bpb")
                if any(c in m for m in results.values())]
     rows = [["task", *columns]]
     for task, metrics in results.items():
