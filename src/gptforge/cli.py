@@ -41,7 +41,7 @@ def _commands() -> dict[str, tuple[str, Callable[[list[str]], int | None]]]:
         "sft": ("finetune a model into an assistant on conversations, in full or with LoRA", _sft),
         "sample": ("generate text from a run, GPT-2 or a model directory, streamed to stdout", _sample),
         "chat": ("talk to a finetuned assistant in the terminal, or answer one --prompt", _chat),
-        "eval": ("score a run or GPT-2: val loss/bpb, WikiText-2, LAMBADA, HellaSwag", _eval),
+        "eval": ("score a run or GPT-2: val loss/bpb, WikiText-2, LAMBADA, HellaSwag, chat", _eval),
         "export": ("write a run's weights as a Hugging Face GPT-2 directory or safetensors", _export),
         "bench": ("time the training step of a model shape: ms/iter, tokens/s, MFU", _bench),
         "plot": ("draw a run's loss curves from OUT_DIR/metrics.jsonl to a PNG", _plot),
@@ -105,8 +105,8 @@ def _train(argv: list[str]) -> None:
 
 
 SFT_USAGE = (
-    "usage: gptforge sft --init_from=RUN|gpt2*|HF_DIR --data=CONVERSATIONS.jsonl [CONFIG ...] [--key=value ...]"
-    "\n\n" + CONFIG_FILES + " --init_from=resume --out_dir=DIR continues a finetuning run."
+    "usage: gptforge sft --init_from=RUN|gpt2*|HF_DIR --data=CONVERSATIONS.jsonl [CONFIG ...] "
+    "[--key=value ...]\n\n" + CONFIG_FILES + " --init_from=resume --out_dir=DIR continues a finetuning run."
 )
 
 
@@ -140,7 +140,7 @@ def _chat(argv: list[str]) -> None:
 def _eval(argv: list[str]) -> None:
     from gptforge.evaluate import EvalOptions, evaluate
 
-    head = ("usage: gptforge eval --task=val|wikitext2|lambada|hellaswag "
+    head = ("usage: gptforge eval --task=val|wikitext2|lambada|hellaswag|chat "
             "[--out_dir=RUN | --init_from=gpt2|DIR]")
     if parsed := _parse(argv, head, EvalOptions()):
         evaluate(parsed[1])
