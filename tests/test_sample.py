@@ -150,3 +150,13 @@ def test_the_command_prints_samples(run, capsys):
                  "--start=So long"]) == 0
     out = capsys.readouterr().out
     assert out.count(SEPARATOR) == 3 and out.count("So long") >= 3
+
+
+@pytest.mark.parametrize("overrides", [{"temperature": 1e-40}, {"top_p": 1e-300},
+                                       {"temperature": 1e-30, "top_k": None},
+                                       {"temperature": 1e-40, "top_p": 1e-300}])
+def test_sampling_is_total_where_a_temperature_or_top_p_underflows(run, overrides):
+    # a temperature whose division overflows, or a top_p below float32's range, is greedy: never a NaN draw
+    texts = sample(options(run, num_samples=2, max_new_tokens=20, **overrides), out=io.StringIO())
+    greedy = sample(options(run, num_samples=1, max_new_tokens=20, temperature=0), out=io.StringIO())[0]
+    assert texts == [greedy, greedy]
