@@ -103,9 +103,10 @@ def streamed_texts(events: list[Any]) -> dict[int, str]:
 def test_models_and_health(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
-    assert [(m["id"], m["object"], m["owned_by"], m["max_model_len"]) for m in models["data"]] == [
-        ("tiny-gpt2", "model", "gptforge", BLOCK_SIZE)]
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny-gpt2", "busy": 0, "waiting": 0, "slots": 4}
+    assert [(m["id"], m["object"], m["owned_by"], m["max_model_len"], m["chat"]) for m in models["data"]] == [
+        ("tiny-gpt2", "model", "gptforge", BLOCK_SIZE, False)]  # a base model: no chat template
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny-gpt2", "chat": False, "busy": 0,
+                                            "waiting": 0, "slots": 4}
 
 
 def test_a_greedy_completion_is_the_models_argmax_continuation(client, model_dir):

@@ -1,6 +1,7 @@
 """Tests for continuous batching (gptforge.serve.engine) and the SlotKVCache: per-slot positions give the
 logits of a full forward, a row's logits do not depend on the other rows, seeded samples are the same alone or
-among others, stop strings, end-of-text, cancellation, the queue bound and failures.
+among others, stop strings, end-of-text and a job's own stop tokens, cancellation, the queue bound and
+failures.
 
     .venv/bin/python -m pytest tests/test_serve_engine.py
 """
@@ -257,6 +258,28 @@ def test_end_of_text_and_stop_strings_end_a_sample(engine, tokenizer):
     stop = greedy[5:8]
     assert run(engine, tokenizer, "abc", temperature=0, max_tokens=30, stop=(stop, "never"))[0][:2] == (
         greedy[: greedy.index(stop)], "stop")
+
+
+def test_a_jobs_own_stop_tokens_end_it_unseen_beside_jobs_that_stop_at_end_of_text(engine, tokenizer):
+    """A chat job stops at its end-of-turn id (`Sampling.stop_tokens`), a completion at end-of-text, side by
+    side in one batch; a job's own set replaces end-of-text."""
+    greedy = run(engine, tokenizer, "abc", temperature=0, max_tokens=30)[0][0]
+    end = frozenset(tokenizer.encode(greedy[12]))
+    cut = greedy.index(greedy[12])
+    assert run(engine, tokenizer, "abc", temperature=0, max_tokens=30, stop_tokens=end)[0] == (
+        greedy[:cut], "stop", cut + 1)
+    tokenizer.eot_token = tokenizer.encode(greedy[3])[0]
+    try:
+        _, own = submit(engine, tokenizer, "abc", temperature=0, max_tokens=30, stop_tokens=end)
+        _, eot = submit(engine, tokenizer, "abc", temperature=0, max_tokens=30)  # None: end-of-text
+        _, none = submit(engine, tokenizer, "abc", temperature=0, max_tokens=30, stop_tokens=frozenset())
+        assert own.done.wait(30) and eot.done.wait(30) and none.done.wait(30)
+    finally:
+        tokenizer.eot_token = None
+    eot_cut = greedy.index(greedy[3])
+    assert own.samples() == [(greedy[:cut], "stop", cut + 1)]
+    assert eot.samples() == [(greedy[:eot_cut], "stop", eot_cut + 1)]
+    assert none.samples() == [(greedy, "length", 30)]
 
 
 def test_cancel_frees_the_slots_at_once(engine, tokenizer):

@@ -100,5 +100,6 @@ def test_memory_stays_flat_over_a_soak_of_300_requests(one_thread):
             warm = rss_bytes()
             assert all(pool.map(one, itertools.islice(requests, 240)))
         grown = rss_bytes() - warm
-        assert client.get("/health").json() == {"status": "ok", "model": "load", "busy": 0, "waiting": 0, "slots": 8}
+        assert client.get("/health").json() == {"status": "ok", "model": "load", "chat": False, "busy": 0,
+                                                "waiting": 0, "slots": 8}
     assert grown < 20 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 240 requests"

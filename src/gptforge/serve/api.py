@@ -1,14 +1,16 @@
-"""OpenAI's completions API as this server speaks it: the request it accepts, the responses it writes, the
-errors it answers.
+"""OpenAI's completions and chat completions API as this server speaks it: the requests it accepts, the
+responses it writes, the errors it answers.
 
-Shapes only: what a valid request is (strict JSON: UTF-8 text, no NaN, no coerced types), what a completion
-and its usage look like, and what every error looks like on the wire, FastAPI's own (invalid JSON, a missing
-field, no such route) included. What a request does is completions.py's; which route answers it is app.py's.
+Shapes only: what a valid request is (strict JSON: UTF-8 text, no NaN, no coerced types), what a completion,
+a chat completion, their chunks and usage look like, and what every error looks like on the wire, FastAPI's
+own (invalid JSON, a missing field, no such route) included. What a request does is completions.py's and
+chat.py's; which route answers it is app.py's.
 """
 
 import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,16 +64,111 @@ class CompletionRequest(BaseModel):
         return next((name for name, values in neutral.items() if getattr(self, name) not in values), None)
 
 
-async def completion_request(request: Request) -> CompletionRequest:
-    """A FastAPI dependency: the body as a CompletionRequest, parsed as JSON whatever its Content-Type says
+class ContentPart(BaseModel):
+    """A part of a message's content, as OpenAI has them; chat.py takes text parts only."""
+
+    model_config = STRICT
+
+    type: str
+    text: str | None = None
+    # the other kinds' fields, so that an image or a file is refused by name (400), not as an unknown field
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
+
+
+class ChatMessage(BaseModel):
+    """One of OpenAI's messages. `role` is any string here: chat.py refuses the roles it does not take (tool,
+    function) by name, as it refuses the tool and audio fields when they are set."""
+
+    model_config = STRICT
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # accepted and ignored: the chat template has no place for it
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's `POST /v1/chat/completions` body; `top_k` is an extension. Unknown fields are refused; the
+    optional ones may be null, as OpenAI's may."""
+
+    model_config = STRICT
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)  # OpenAI's older name of max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=1 << 62)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # OpenAI fields this server ignores: they do not change the answer
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # OpenAI fields this server accepts at their neutral values only
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server does not do, if any."""
+        neutral = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+                   "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+                   "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                   "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "audio": (None,),
+                   "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+                   "web_search_options": (None,)}
+        return next((name for name, values in neutral.items() if getattr(self, name) not in values), None)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def json_body(shape: type[Body]) -> Callable[[Request], Awaitable[Body]]:
+    """A FastAPI dependency: the request's body as a `shape`, parsed as JSON whatever its Content-Type says
     (`curl -d` sends application/x-www-form-urlencoded). Pydantic parses the bytes itself, so a body that is
     not UTF-8 JSON text (a lone UTF-16 surrogate such as "\\ud800" included) is refused before any of it
     becomes a Python string; RequestValidationError, as FastAPI's own parsing raises, otherwise."""
-    try:
-        return CompletionRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
+
+    async def parse(request: Request) -> Body:
+        try:
+            return shape.model_validate_json(await request.body())
+        except ValidationError as e:
+            errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+
+    return parse
+
+
+completion_request = json_body(CompletionRequest)
+chat_request = json_body(ChatCompletionRequest)
 
 
 def completion_header(model_id: str) -> dict[str, Any]:
@@ -82,6 +179,22 @@ def completion_header(model_id: str) -> dict[str, Any]:
 
 def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_header(model_id: str) -> dict[str, Any]:
+    """The fields a chat completion starts with; its chunks' `object` is "chat.completion.chunk"."""
+    return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
+            "created": int(time.time()), "model": model_id}
+
+
+def chat_choice(index: int, content: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chunk_choice(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    """A choice of a chat stream's chunk: `delta` is {"role", "content"} first, then {"content"}, then {}."""
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -111,13 +224,33 @@ async def api_error(_: Request, e: APIError) -> JSONResponse:
     return e.response()
 
 
+REQUESTS = (CompletionRequest, ChatCompletionRequest, ChatMessage, ContentPart, StreamOptions)
+FIELDS = {name for shape in REQUESTS for name in shape.model_fields}  # what a field_path may name
+
+
+def field_path(error: dict[str, Any]) -> str:
+    """Where a validation error is, as a reader names it: `messages[0].content[1].text`. Pydantic's tags of
+    a union's members ("str", "list[ContentPart]") and dictionary keys are left out; an unknown field is
+    named."""
+    loc = error["loc"][1:]  # ("body", field, ...)
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in FIELDS or (i == len(loc) - 1 and error["type"] == "extra_forbidden"):
+            path += f".{part}" if path else part
+    return path
+
+
 async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-    error = e.errors()[0]
+    # the deepest error says the most: a content list's bad part, not "content: not a string" of the union
+    error = max(e.errors(), key=lambda error: len(error["loc"]))
     if error["type"] == "json_invalid":
         return APIError(400, f"We could not parse the JSON body of your request ({error['msg']}): send "
                              "UTF-8 JSON text, with no lone UTF-16 surrogates").response()
-    param = str(error["loc"][1]) if len(error["loc"]) > 1 else None  # ("body", field, ...)
-    return APIError(422, f"{param or 'body'}: {error['msg']}", param, code="invalid_value").response()
+    param = str(error["loc"][1]) if len(error["loc"]) > 1 else None  # the top-level field
+    message = f"{field_path(error) or 'body'}: {error['msg']}"
+    return APIError(422, message, param, code="invalid_value").response()
 
 
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:

@@ -1,8 +1,9 @@
 """The HTTP app of `gptforge serve`: its routes, and `create_app`, which wires an engine into them.
 
 `/` is the playground page and `/health` the engine's occupancy (GET or HEAD), open to all; under `/v1`,
-behind the API key, the model list and the completions, whose work is completions.py's. Routes read what they
-serve from `app.state`; the app starts and stops the engine with its lifespan. The process around it (options,
+behind the API key, the model list, the completions and the chat completions, whose work is completions.py's
+and chat.py's. Routes read what they serve from `app.state`; the app starts and stops the engine with its
+lifespan. The process around it (options,
 the socket, the signals that drain it) is server.py's.
 """
 
@@ -15,7 +16,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from gptforge.serve.api import APIError, CompletionRequest, answer_errors_in_openai_shape, completion_request
+from gptforge.chat_template import ChatTemplate
+from gptforge.serve.api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    answer_errors_in_openai_shape,
+    chat_request,
+    completion_request,
+)
+from gptforge.serve.chat import Chat
 from gptforge.serve.completions import Completions
 from gptforge.serve.engine import Engine
 from gptforge.serve.guards import BodyLimit, bearer_check
@@ -40,7 +50,7 @@ async def playground(request: Request) -> HTMLResponse:
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     body = {"status": "shutting down" if state.draining else "ok", "model": state.model_id,
-            **state.engine.occupancy()}
+            "chat": state.chat.template is not None, **state.engine.occupancy()}
     return JSONResponse(body, status_code=503 if state.draining else 200)
 
 
@@ -49,7 +59,7 @@ async def models(request: Request) -> dict[str, Any]:
     state = request.app.state
     return {"object": "list", "data": [
         {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "gptforge",
-         "max_model_len": state.engine.model.config.block_size}
+         "max_model_len": state.engine.model.config.block_size, "chat": state.chat.template is not None}
     ]}
 
 
@@ -62,8 +72,20 @@ async def completions(
     return await request.app.state.completions.respond(body, request)
 
 
-def create_app(engine: Engine, model_id: str, opts: "ServeOptions") -> FastAPI:
-    """The ASGI app around `engine`: it starts and stops the engine with its lifespan."""
+@v1.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: Annotated[ChatCompletionRequest, Depends(chat_request)], request: Request
+) -> JSONResponse | StreamingResponse:
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    return await request.app.state.chat.respond(body, request)
+
+
+def create_app(
+    engine: Engine, model_id: str, opts: "ServeOptions", chat_template: ChatTemplate | None = None
+) -> FastAPI:
+    """The ASGI app around `engine`: it starts and stops the engine with its lifespan. `chat_template` renders
+    chat requests (None: the model has none, and they are refused)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +98,7 @@ def create_app(engine: Engine, model_id: str, opts: "ServeOptions") -> FastAPI:
                   redirect_slashes=False)
     app.state.engine, app.state.model_id, app.state.created = engine, model_id, int(time.time())
     app.state.completions = Completions(engine, model_id, opts.max_tokens_limit)
+    app.state.chat = Chat(engine, model_id, app.state.completions.max_tokens_limit, chat_template)
     page = importlib.resources.files("gptforge.serve") / "playground.html"
     app.state.page = page.read_text(encoding="utf-8")
     app.state.draining = False  # set when a signal starts the shutdown: new requests get 503

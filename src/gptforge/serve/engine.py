@@ -3,8 +3,9 @@
 The `Engine` owns the model on a thread of its own. Jobs (a prompt's token ids, how to sample, how many
 samples) wait in a bounded queue; between two decode steps the waiting jobs take free slots of a
 `SlotKVCache`, each prompt prefilled alone, and then every busy slot advances by one token in a single batched
-forward. A slot is freed as soon as its sample ends (end-of-text, a stop string, `max_tokens`) or its job is
-cancelled (its client went away), and the next waiting job takes it before the next step.
+forward. A slot is freed as soon as its sample ends (a stop token: end-of-text, or the job's own such as a
+chat's end of turn; a stop string; `max_tokens`) or its job is cancelled (its client went away), and the next
+waiting job takes it before the next step.
 
 Numerics: a prefill's shape depends on its prompt only, each step has the same shape (`batch_invariant`),
 attention runs slot by slot and every sample draws from its own seeded generator, so a seeded job gives the
@@ -31,7 +32,10 @@ log = logging.getLogger("gptforge.serve")
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a job samples (OpenAI's fields): greedy at temperature 0; `seed` None draws a fresh one."""
+    """How a job samples (OpenAI's fields): greedy at temperature 0; `seed` None draws a fresh one.
+
+    `stop_tokens` end a sample and are never shown: a chat's end-of-turn id; None means the tokenizer's
+    end-of-text (none for a tokenizer without one), as a completion ends."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -39,12 +43,13 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_tokens: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of sample `index` of a job. A sample's last delta has its `finish_reason` ("stop": end-of-text
-    or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job."""
+    """New text of sample `index` of a job. A sample's last delta has its `finish_reason` ("stop": a stop
+    token or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job."""
 
     index: int
     text: str
@@ -149,6 +154,7 @@ class _Sample:
     generator: torch.Generator
     text: TextStream
     stops: StopStrings
+    stop_tokens: frozenset[int]
     tokens: int = 0
     last: int = 0  # the token fed at the next step
 
@@ -291,6 +297,10 @@ class Engine:
         self.cache.occupy(slots[0], len(job.prompt))
         for slot in slots[1:]:
             self.cache.copy(slots[0], slot)
+        stop_tokens = job.sampling.stop_tokens
+        if stop_tokens is None:
+            eot = self.tokenizer.eot_token
+            stop_tokens = frozenset() if eot is None else frozenset({eot})
         samples = []
         for index, slot in enumerate(slots):
             generator = torch.Generator(device=self.device)
@@ -299,7 +309,7 @@ class Engine:
             else:  # sample i of seed s draws as sample 0 of seed s + i
                 generator.manual_seed(job.sampling.seed + index)
             samples.append(_Sample(job, index, slot, generator, TextStream(self.tokenizer),
-                                   StopStrings(job.sampling.stop)))
+                                   StopStrings(job.sampling.stop), stop_tokens))
             self.samples[slot] = samples[-1]
         rows = [(job.sampling, s.generator) for s in samples]
         tokens = draw(logits[:, -1].expand(len(samples), -1), rows)
@@ -326,15 +336,15 @@ class Engine:
         sampling = sample.job.sampling
         sample.tokens += 1
         sample.last = token
-        end_of_text = token == self.tokenizer.eot_token
-        ended = end_of_text or sample.tokens == sampling.max_tokens
-        new = "" if end_of_text else sample.text.push(token)
+        stop_token = token in sample.stop_tokens
+        ended = stop_token or sample.tokens == sampling.max_tokens
+        new = "" if stop_token else sample.text.push(token)
         if ended:
             new += sample.text.flush()
         text, stopped = sample.stops.push(new)
         if stopped or ended:
             self._release(sample)
-            reason = "stop" if stopped or end_of_text else "length"
+            reason = "stop" if stopped or stop_token else "length"
             text += "" if stopped else sample.stops.flush()
             sample.job.on_delta(Delta(sample.index, text, reason, sample.tokens))
         elif text:

@@ -154,7 +154,7 @@ def serve(opts: ServeOptions) -> None:
     model = decoding_model(source.model, device, dtype)
     engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
     model_id = model_name(opts.init_from, opts.out_dir)
-    app = create_app(engine, model_id, opts)
+    app = create_app(engine, model_id, opts, source.chat_template)
     config = uvicorn_config(app, opts.host, opts.port, opts.request_timeout,
                             timeout_graceful_shutdown=opts.shutdown_timeout, log_level="info")
     try:
