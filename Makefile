@@ -8,7 +8,7 @@ export GPTFORGE_DATA_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
 .PHONY: install test lint demo clean chromium
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.llama
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,20 @@ $(VENV)/.installed: pyproject.toml
 	# Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# llama.cpp, which tests/test_gguf_export.py runs the GGUF export in: llama-cpp-python compiles it from
+# source (a C++ compiler and CMake; apt installs them when missing), once per venv: 7 CPU-minutes, so about
+# 5 minutes on 2 idle cores.
+# Portable AVX2 code, not -march=native: ggml's native build crashes in its AMX kernels on some Xeons (q8_0).
+# --no-cache-dir: never a wheel pip cached from a build with other flags.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAVA_BUILD=OFF
+$(VENV)/.llama: | $(VENV)/.installed
+	@command -v c++ >/dev/null && command -v cmake >/dev/null \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++ cmake; }
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir $(LLAMA_CPP)
 	touch $@
 
 test: install chromium

@@ -4,21 +4,26 @@
 
 A batch-1 decode step must read every weight once, so one pass of matrix-vector products over the same
 matrices (in the model's layout) bounds tokens/s from above: the floor rows. Every configuration is timed
-in this one run, so ratios hold even on a noisy machine.
+in this one run, so ratios hold even on a noisy machine. With onnxruntime installed (`gptforge[onnx]`), the
+same model, exported as `gptforge export --format=onnx` writes it, is timed on onnxruntime's CPU provider too.
 """
 
 import argparse
+import importlib.util
 import platform
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from gptforge import GPT, GPTConfig
 from gptforge.generate import optimize_for_decoding
-from gptforge.model import KVCache
+from gptforge.kv_cache import KVCache
 
 CONTEXTS = (16, 256, 512, 1000)
 
@@ -93,6 +98,53 @@ def step_ms(model: GPT, context: int, use_cache: bool, steps: int) -> float:
     return min(times) * 1000
 
 
+class OnnxRuntimeDecoder:
+    """The ONNX export of a model in an onnxruntime session (CPU provider): greedy decoding, each step fed
+    the present keys and values of the one before."""
+
+    def __init__(self, model: GPT, directory: Path, threads: int):
+        import onnxruntime
+
+        from gptforge.onnx_export import input_names, output_names, save_onnx
+
+        save_onnx(model, directory)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(directory / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.past_names, self.outputs = input_names(model.config)[1:], output_names(model.config)
+        self.past_shape = (model.config.n_head, model.config.n_embd // model.config.n_head)
+
+    def past(self, length: int) -> list[np.ndarray]:
+        n_head, head_size = self.past_shape
+        return [np.zeros((1, n_head, length, head_size), np.float32) for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feed = {"input_ids": ids, **dict(zip(self.past_names, past, strict=True))}
+        logits, *present = self.session.run(self.outputs, feed)
+        return logits, present
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> np.ndarray:
+        ids, past, out = prompt.numpy(), self.past(0), []
+        for _ in range(new_tokens):
+            logits, past = self.step(ids, past)
+            ids = logits[:, -1:].argmax(-1)
+            out.append(ids)
+        return np.concatenate(out, axis=1)
+
+    def rate(self, prompt: torch.Tensor, new_tokens: int) -> float:
+        """Tokens/s of a whole greedy decode, prompt processing included, as `generate_rate`."""
+        t0 = time.perf_counter()
+        self.generate(prompt, new_tokens)
+        return new_tokens / (time.perf_counter() - t0)
+
+    def step_ms(self, context: int, steps: int) -> float:
+        """Milliseconds per new token after `context - 1` cached positions, as `step_ms`."""
+        past, token = self.past(context - 1), np.zeros((1, 1), np.int64)
+        self.step(token, past)  # warm-up
+        return best_time(lambda: self.step(token, past), repeats=steps) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -128,6 +180,14 @@ def main() -> None:
         ms = [step_ms(model, c, use_cache, steps) for c in CONTEXTS]
         results[name] = rate
         print(f"| {name:<42} | {rate:>8.1f} | " + " | ".join(f"{m:>11.1f}" for m in ms) + " |")
+    onnx = "onnxruntime CPU EP (export --format=onnx)"
+    if all(importlib.util.find_spec(p) for p in ("onnxruntime", "onnx", "onnxscript")):
+        with tempfile.TemporaryDirectory() as directory:
+            ort = OnnxRuntimeDecoder(base, Path(directory), args.threads)  # the same weights as `base`
+            ort.generate(prompt, 4)  # warm-up
+            results[onnx] = ort.rate(prompt, args.new_tokens)
+            ms = [ort.step_ms(c, args.steps) for c in CONTEXTS]
+        print(f"| {onnx:<42} | {results[onnx]:>8.1f} | " + " | ".join(f"{m:>11.1f}" for m in ms) + " |")
     for name, model in (("floor: weight streaming, nn.Linear layout", base),
                         ("floor: weight streaming, decoding layout", fast),
                         ("floor: weight streaming, bf16", bf16)):
@@ -150,6 +210,13 @@ def main() -> None:
               f"{results[name] / best_floor:.0%} of the best fp32 floor ({best_floor:.1f} tokens/s)")
     print(f"# bf16: {results['use_cache=True, bf16 weights'] / results['floor: weight streaming, bf16']:.0%}"
           " of its floor")
+    if onnx in results:
+        fast_rate = results["use_cache=True, optimize_for_decoding"]
+        print(f"# {onnx}: {results[onnx] / results['use_cache=True']:.2f}x use_cache=True, "
+              f"{results[onnx] / fast_rate:.2f}x optimize_for_decoding, "
+              f"{results[onnx] / best_floor:.0%} of the best fp32 floor")
+    else:
+        print("# onnxruntime not installed (pip install 'gptforge[onnx]'): its row is left out")
 
 
 if __name__ == "__main__":

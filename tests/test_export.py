@@ -88,7 +88,7 @@ def test_an_export_samples_the_run_s_text(run, tmp_path, fmt):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--format=hf"], "name the output directory: --to=DIR"),
-    (["--format=onnx", "--to=x"], "--format='onnx' is not one of 'hf', 'safetensors'"),
+    (["--format=tflite", "--to=x"], "--format='tflite' is not one of 'hf', 'safetensors'"),
     (["--which=first", "--to=x"], "--which='first' is not one of 'best', 'latest'"),
 ])
 def test_bad_options_are_one_line_errors(run, capsys, args, message):

@@ -168,17 +168,20 @@ def test_stop_strings_cut_the_text_before_them(client):
 
 
 def test_sixteen_streaming_clients_at_once(client, served):
-    """16 concurrent streams through 4 slots: each gets exactly the text its seed gives alone."""
-    def choice(result: dict[str, Any]) -> tuple[str, str]:
-        return result["choices"][0]["text"], result["choices"][0]["finish_reason"]
+    """16 concurrent streams through 4 slots: each gets exactly the text and the logprobs (bit for bit) its
+    seed gives alone."""
+    def choice(result: dict[str, Any]) -> tuple[str, str, list[float]]:
+        [first] = result["choices"]
+        return first["text"], first["finish_reason"], first["logprobs"]["token_logprobs"]
 
-    alone = {seed: choice(complete(client, seed=seed, max_tokens=24)) for seed in range(16)}
+    alone = {seed: choice(complete(client, seed=seed, max_tokens=24, logprobs=2)) for seed in range(16)}
 
-    def one(seed: int) -> tuple[str, str]:
+    def one(seed: int) -> tuple[str, str, list[float]]:
         with httpx.Client(base_url=served[0], timeout=60) as own:
-            events = stream(own, seed=seed, max_tokens=24)
+            events = stream(own, seed=seed, max_tokens=24, logprobs=2)
         assert events[-1] == "[DONE]"
-        return streamed_texts(events)[0], events[-2]["choices"][0]["finish_reason"]
+        logprobs = [lp for event in events[:-1] for lp in event["choices"][0]["logprobs"]["token_logprobs"]]
+        return streamed_texts(events)[0], events[-2]["choices"][0]["finish_reason"], logprobs
 
     with ThreadPoolExecutor(16) as pool:
         together = dict(zip(range(16), pool.map(one, range(16)), strict=True))
@@ -202,8 +205,21 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     ({"n": 5}, 400, "n", "between 1 and 4"),
     ({"prompt": []}, 400, "prompt", "empty list"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4 stop strings"),
-    ({"echo": True}, 400, "echo", "not supported"),
-    ({"logit_bias": {"50256": -100}}, 400, "logit_bias", "not supported"),
+    ({"suffix": " the end"}, 400, "suffix", "not supported"),
+    ({"logprobs": 6}, 400, "logprobs", "at most 5"),
+    ({"best_of": 2, "n": 3}, 400, "best_of", "at least n"),
+    ({"best_of": 5}, 400, "best_of", "between 1 and 4"),
+    ({"best_of": 2, "stream": True}, 400, "best_of", "cannot stream"),
+    ({"logit_bias": {"50257": -100}}, 400, "logit_bias", "no token id"),
+    ({"logit_bias": {"-1": 1}}, 400, "logit_bias", "no token id"),
+    ({"logit_bias": {"50256": -100.5}}, 400, "logit_bias", "between -100 and 100"),
+    ({"prompt": [50257]}, 400, "prompt", "the token id 50257, which is not in this model's vocabulary"),
+    ({"prompt": [[1, 2], [-1]]}, 400, "prompt", "prompt[1] has the token id -1"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt", "prompt[1] is an empty list"),
+    ({"presence_penalty": 2.5}, 422, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -3}, 422, "frequency_penalty", "greater than or equal to -2"),
+    ({"logprobs": -1}, 422, "logprobs", "greater than or equal to 0"),
+    ({"max_tokens": -1}, 422, "max_tokens", "greater than or equal to 0"),
     ({"model": "gpt-4"}, 404, "model", "does not exist"),
     ({"temperature": 2.5}, 422, "temperature", "less than or equal to 2"),
     ({"max_tokens": "many"}, 422, "max_tokens", "valid integer"),

@@ -156,8 +156,8 @@ def test_a_greedy_answer_is_the_direct_greedy_decode_up_to_the_end_marker(client
         prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
     # the wire format itself: OpenAI's fields, nothing else
     raw = chat(http, temperature=0, max_tokens=LIMIT)
-    assert set(raw) == {"id", "object", "created", "model", "choices", "usage"}
-    assert isinstance(raw["created"], int)
+    assert set(raw) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert isinstance(raw["created"], int) and raw["system_fingerprint"].startswith("fp_")
     assert raw["choices"] == [{"index": 0, "message": {"role": "assistant", "content": text},
                                "logprobs": None, "finish_reason": "stop"}]
     # a conversation that goes on: an earlier exchange, its answer passed back as the client returned it
@@ -275,7 +275,8 @@ def test_the_openai_client_raises_bad_request_for_what_this_server_does_not_do(c
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
          "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 1}, "top_logprobs"),  # without logprobs: true
         ({"messages": [{"role": "user", "content": "So long " * 5}]}, "max_tokens"),  # over the context
         ({"n": 5}, "n"),
         ({"max_completion_tokens": LIMIT + 1}, "max_completion_tokens"),
@@ -292,7 +293,8 @@ def test_the_openai_client_raises_bad_request_for_what_this_server_does_not_do(c
         ask(client, temperature=3)
     # neutral values of those fields are fine: clients send them
     assert ask(client, tools=[], tool_choice="none", response_format={"type": "text"}, logprobs=False,
-               presence_penalty=0, frequency_penalty=0, user="me", metadata={"a": "b"}, max_tokens=2).choices
+               top_logprobs=0, presence_penalty=0, frequency_penalty=0, logit_bias={}, user="me",
+               metadata={"a": "b"}, max_tokens=2).choices
 
 
 @pytest.mark.parametrize(("body", "status", "param", "message"), [

@@ -1,7 +1,8 @@
 """Tests for continuous batching (gptforge.serve.engine) and the SlotKVCache: per-slot positions give the
-logits of a full forward, a row's logits do not depend on the other rows, seeded samples are the same alone or
-among others, stop strings, end-of-text and a job's own stop tokens, cancellation, the queue bound and
-failures.
+logits of a full forward, a row's logits do not depend on the other rows, seeded samples (their tokens and
+their logprobs) are the same alone or among others, logprobs and a prompt's scores against a full forward,
+logit_bias and OpenAI's penalties against a direct decode, stop strings, end-of-text and a job's own stop
+tokens, cancellation, the queue bound and failures.
 
     .venv/bin/python -m pytest tests/test_serve_engine.py
 """
@@ -25,6 +26,7 @@ from gptforge.serve.engine import (
     QueueFull,
     Sampling,
     StopStrings,
+    TokenLogprob,
     draw,
 )
 from gptforge.tokenizer import CharTokenizer
@@ -70,6 +72,11 @@ class Collector:
         return [("".join(p.text for p in self.pieces if p.index == i),
                  next(p.finish_reason for p in self.pieces if p.index == i and p.finish_reason),
                  next(p.tokens for p in self.pieces if p.index == i and p.finish_reason)) for i in indices]
+
+
+    def logprobs(self, index: int = 0) -> list[TokenLogprob]:
+        """The logprobs of sample `index`'s drawn tokens, in order."""
+        return [entry for p in self.pieces if p.index == index for entry in p.logprobs]
 
 
 def submit(engine: Engine, tokenizer, prompt: str, n: int = 1, **sampling) -> tuple[Job, Collector]:
@@ -235,6 +242,107 @@ def test_a_seeded_sample_is_the_same_alone_or_among_others(engine, tokenizer):
     assert run(engine, tokenizer, "To be, or not", seed=4, max_tokens=40) != alone
 
 
+def test_a_seeded_samples_logprobs_are_the_same_alone_or_among_others(engine, tokenizer):
+    """Bit for bit, with its alternatives, and steered by logit_bias and penalties itself, beside jobs that
+    are steered otherwise, report more or no logprobs, or only score their prompt."""
+    mine = {"seed": 3, "max_tokens": 40, "logprobs": 3, "presence_penalty": 0.5, "frequency_penalty": 0.3,
+            "logit_bias": ((5, 2.0), (40, -1.0))}
+    _, alone = submit(engine, tokenizer, "To be, or not", **mine)
+    assert alone.done.wait(30)
+    crowd = [submit(engine, tokenizer, *job, **options)[1] for job, options in [
+        (("Shall I", 2), {"seed": 1, "max_tokens": 30, "logit_bias": ((7, 5.0),)}),
+        (("abc",), {"max_tokens": 50, "temperature": 0.5, "frequency_penalty": 1.0, "logprobs": 5}),
+        (("a longer prompt to score",), {"max_tokens": 0, "logprobs": 2, "prompt_logprobs": True}),
+    ]]
+    while not crowd[0].pieces:  # join while the others are decoding
+        time.sleep(0.001)
+    _, again = submit(engine, tokenizer, "To be, or not", **mine)
+    assert again.done.wait(30) and all(c.done.wait(30) for c in crowd)
+    assert again.samples() == alone.samples() and again.logprobs() == alone.logprobs()
+    assert len(alone.logprobs()) == 40 and all(len(e.top) == 3 for e in alone.logprobs())
+    assert not crowd[0].logprobs() and len(crowd[1].logprobs()) == crowd[1].samples()[0][2]
+
+
+def full_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:
+    """log-softmax of a full forward's logits at every position of `ids`: (len(ids), vocab)."""
+    with torch.inference_mode():
+        logits, _ = model(torch.tensor([ids]), targets=torch.tensor([ids]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def test_logprobs_are_the_models_before_sampling_and_the_prompt_is_scored(engine, tokenizer, model):
+    """A drawn token's logprob and its alternatives are the raw model's log-softmax (temperature, top-k and
+    logit_bias change what is drawn, not that); a prompt's tokens each given those before it, the first
+    with none; max_tokens 0 only scores."""
+    prompt = tokenizer.encode("Shall I compare")
+    _, sampled = submit(engine, tokenizer, "Shall I compare", n=2, seed=5, max_tokens=12, logprobs=4,
+                        temperature=0.7, top_k=20, logit_bias=((3, 1.5),), prompt_logprobs=True)
+    assert sampled.done.wait(30)
+    for index, (text, _, _) in enumerate(sampled.samples()):
+        drawn = sampled.logprobs(index)
+        ids = prompt + [e.token for e in drawn]
+        assert tokenizer.decode(ids[len(prompt):]) == text
+        reference = full_logprobs(model, ids)
+        for position, entry in enumerate(drawn, start=len(prompt) - 1):
+            assert entry.logprob == pytest.approx(float(reference[position, entry.token]), abs=1e-5)
+            values, tops = reference[position].topk(4)
+            assert [t for t, _ in entry.top] == tops.tolist()
+            assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+        [first] = [p for p in sampled.pieces if p.index == index and p.prompt is not None]
+        assert first.text == "" and first.finish_reason is None  # the prompt's scores come at once
+        assert first.prompt[0] == TokenLogprob(prompt[0], None, None)
+        reference = full_logprobs(model, prompt)
+        for position, entry in enumerate(first.prompt[1:]):
+            assert entry.token == prompt[position + 1] and len(entry.top) == 4
+            assert entry.logprob == pytest.approx(float(reference[position, entry.token]), abs=1e-5)
+    _, scored = submit(engine, tokenizer, "Shall I compare", max_tokens=0, logprobs=0, prompt_logprobs=True)
+    assert scored.done.wait(30)
+    [piece] = scored.pieces
+    assert (piece.text, piece.finish_reason, piece.tokens, piece.logprobs) == ("", "length", 0, ())
+    assert [(e.token, e.logprob) for e in piece.prompt] == [(e.token, e.logprob) for e in first.prompt]
+    assert all(e.top == () for e in piece.prompt[1:])
+    assert engine.occupancy()["busy"] == 0
+
+
+def steered_decode(model: GPT, ids: list[int], steps: int, bias: dict[int, float], presence: float,
+                   frequency: float) -> list[int]:
+    """Greedy decoding by OpenAI's formula, with a full forward per token: logit + bias - count * frequency
+    - (count > 0) * presence, counts of the tokens drawn so far."""
+    counts = torch.zeros(model.config.vocab_size)
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids + out]))[0][0, -1].float()
+            for token, value in bias.items():
+                logits[token] += value
+            token = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
+            counts[token] += 1
+            out.append(token)
+    return out
+
+
+@pytest.mark.parametrize(("bias", "presence", "frequency"), [
+    ({}, 1.5, 0.0), ({}, -0.5, 0.8), ({12: -3.0, 40: 2.0}, 0.7, 0.3),
+])
+def test_logit_bias_and_penalties_steer_as_openais_formula(engine, tokenizer, model, bias, presence,
+                                                           frequency):
+    prompt = tokenizer.encode("abc")
+    expected = steered_decode(model, prompt, 20, bias, presence, frequency)
+    steered = run(engine, tokenizer, "abc", temperature=0, max_tokens=20, logit_bias=tuple(bias.items()),
+                  presence_penalty=presence, frequency_penalty=frequency)
+    assert steered[0][0] == tokenizer.decode(expected)
+    assert steered != run(engine, tokenizer, "abc", temperature=0, max_tokens=20)
+
+
+def test_a_bias_of_100_makes_a_token_certain_and_minus_100_rules_it_out(engine, tokenizer):
+    assert run(engine, tokenizer, "abc", max_tokens=10, seed=1, logit_bias=((20, 100.0),))[0][0] == (
+        tokenizer.decode([20]) * 10)
+    plain = run(engine, tokenizer, "abc", temperature=0, max_tokens=10)[0][0]
+    banned = run(engine, tokenizer, "abc", temperature=0, max_tokens=10,
+                 logit_bias=((tokenizer.encode(plain[0])[0], -100.0),))[0][0]
+    assert plain[0] not in banned
+
+
 def test_greedy_is_the_argmax_continuation(engine, tokenizer, model):
     text = run(engine, tokenizer, "Shall I", temperature=0, max_tokens=30)[0][0]
     with torch.inference_mode():
@@ -324,6 +432,11 @@ def test_jobs_that_cannot_run_are_refused(engine, tokenizer):
         submit(engine, tokenizer, "a" * 60, max_tokens=5)
     with pytest.raises(InvalidJob, match="token ids the 97-token model"):
         engine.submit([Job([97], 1, Sampling(max_tokens=1), Collector(1))])
+    with pytest.raises(InvalidJob, match="token ids the 97-token model"):
+        engine.submit([Job([-1], 1, Sampling(max_tokens=1), Collector(1))])
+    with pytest.raises(InvalidJob, match="logit_bias has token ids the 97-token model") as error:
+        engine.submit([Job([1], 1, Sampling(max_tokens=1, logit_bias=((97, 1.0),)), Collector(1))])
+    assert error.value.param == "logit_bias"
     with pytest.raises(InvalidJob, match="at most 8 prompts in one request"):
         engine.submit([Job([1], 1, Sampling(max_tokens=1), Collector(1)) for _ in range(9)])
     assert engine.occupancy()["waiting"] == 0  # all or none

@@ -133,3 +133,7 @@ class ChatTokenizer(Tokenizer):
 
     def spec(self) -> dict[str, Any]:
         return {**self.base.spec(), "chat_template": self.template.spec()}
+
+    def token_bytes(self, token: int) -> bytes:
+        marker = self.template.decode_marker(token)
+        return marker.encode() if marker is not None else self.base.token_bytes(token)

@@ -25,9 +25,11 @@ from gptforge.atomic import atomic_path, atomic_write_text, check_writable
 from gptforge.chat_template import ChatTemplate, ChatTokenizer
 from gptforge.checkpoint import check_shapes, read_json, read_safetensors
 from gptforge.errors import GptforgeError
+from gptforge.gguf_export import GgufType, write_gguf
 from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT, GPTConfig
+from gptforge.onnx_export import write_onnx
 from gptforge.runs import Run, load_run
 from gptforge.tokenizer import BPETokenizer, Tokenizer, from_spec
 
@@ -45,11 +47,16 @@ class ExportOptions:
     out_dir: str = field(
         default="out", metadata={"help": "the run directory (or a checkpoint file) to export"}
     )
-    format: Literal["hf", "safetensors"] = field(
+    format: Literal["hf", "safetensors", "onnx", "gguf"] = field(
         default="hf",
-        metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict"},
+        metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict; "
+                          "onnx: a decoder graph with past/present keys and values for onnxruntime; "
+                          "gguf: one llama.cpp file (--to=FILE.gguf)"},
     )
-    to: str = field(default="", metadata={"help": "output directory (required)"})
+    to: str = field(default="", metadata={"help": "output directory (required; a file for gguf)"})
+    gguf_type: GgufType = field(
+        default="f32", metadata={"help": "gguf's matrices: f32, f16, or q8_0 (8-bit, blocks of 32)"}
+    )
     which: Literal["best", "latest"] = field(default="best", metadata={"help": "which checkpoint of the run"})
     data_dir: str | None = field(
         default=None, metadata={"help": "where the run's dataset lives, if not where it was trained"}
@@ -65,9 +72,10 @@ def export(opts: ExportOptions) -> Path:
     if not opts.to:
         raise GptforgeError("name the output directory: --to=DIR")
     to = Path(opts.to)
-    check_writable(to, "--to")
+    check_writable(to, "--to", directory=opts.format != "gguf")
     run = load_run(opts.out_dir, opts.which, opts.data_dir, mirror_dir(opts.mirror))
-    WRITERS[opts.format](run, to)
+    own_options = {"gguf_type": opts.gguf_type} if opts.format == "gguf" else {}
+    WRITERS[opts.format](run, to, **own_options)
     return to
 
 
@@ -86,7 +94,12 @@ def write_safetensors(run: Run, to: Path) -> None:
 
 
 # One writer per --format: (run, destination) -> files.
-WRITERS: dict[str, Callable[[Run, Path], None]] = {"hf": write_hf, "safetensors": write_safetensors}
+WRITERS: dict[str, Callable[[Run, Path], None]] = {
+    "hf": write_hf,
+    "safetensors": write_safetensors,
+    "onnx": write_onnx,
+    "gguf": write_gguf,
+}
 
 
 def save_export(model: GPT, directory: str | Path) -> None:

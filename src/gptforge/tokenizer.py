@@ -67,6 +67,10 @@ class Tokenizer(ABC):
     def spec(self) -> dict[str, Any]:
         """What meta.json records so that `from_spec` can rebuild this tokenizer."""
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a BPE token may be part of a character): what logprobs show."""
+        return self.decode([token]).encode()
+
 
 class CharTokenizer(Tokenizer):
     """One id per character: id i is `chars[i]`."""
@@ -148,6 +152,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode([int(i) for i in ids])
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._encoding.decode_single_token_bytes(token)
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -246,6 +253,25 @@ class BPETokenizer(Tokenizer):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "file": self.FILE, "sha256": _sha256(self.to_json())}
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self.hf.id_to_token(token)
+        if piece is None:
+            raise GptforgeError(f"token {token} is not in this {self.vocab_size}-token BPE")
+        alphabet = byte_level_alphabet()
+        # a special token (<|endoftext|>) is stored as its text, not in the byte alphabet
+        return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()
+
+
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character to byte: the printable bytes stand for themselves, the
+    others for the characters from U+0100 on (`bytes_to_unicode` in GPT-2's encoder.py), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    pairs = [(chr(b), b) for b in printable] + [(chr(256 + i), b) for i, b in enumerate(others)]
+    return dict(pairs)
 
 
 def _sha256(text: str) -> str:

@@ -31,14 +31,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_LOGPROBS = 5  # a completion's `logprobs` at most, as OpenAI's legacy completions allow
+MAX_TOP_LOGPROBS = 20  # a chat completion's `top_logprobs` at most, as OpenAI's chat completions allow
+MAX_BIAS = 100  # a logit_bias value is in [-MAX_BIAS, MAX_BIAS], as at OpenAI
+
+
 class CompletionRequest(BaseModel):
-    """OpenAI's `POST /v1/completions` body; `top_k` is an extension. Unknown fields are refused."""
+    """OpenAI's `POST /v1/completions` body; `top_k` is an extension. Unknown fields are refused. A prompt is
+    a string, a list of them, a list of token ids or a list of such lists."""
 
     model_config = STRICT
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
@@ -47,21 +53,19 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=1 << 62)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # OpenAI fields this server accepts at their neutral values only (clients often send them)
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    logprobs: int | None = Field(None, ge=0)  # above MAX_LOGPROBS: a 400 naming it
+    best_of: int | None = Field(None, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # OpenAI fields this server accepts at their neutral values only
+    suffix: str | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server does not do, if any."""
-        neutral = {"echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-                   "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {})}
-        return next((name for name, values in neutral.items() if getattr(self, name) not in values), None)
+        return "suffix" if self.suffix not in (None, "") else None
 
 
 class ContentPart(BaseModel):
@@ -112,6 +116,11 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=1 << 62)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0)  # above MAX_TOP_LOGPROBS: a 400 naming it
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
     # OpenAI fields this server ignores: they do not change the answer
     metadata: dict[str, str] | None = None
@@ -126,11 +135,6 @@ class ChatCompletionRequest(BaseModel):
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
@@ -141,10 +145,8 @@ class ChatCompletionRequest(BaseModel):
         """The first field set to something this server does not do, if any."""
         neutral = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
                    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-                   "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-                   "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "audio": (None,),
-                   "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
-                   "web_search_options": (None,)}
+                   "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+                   "reasoning_effort": (None,), "web_search_options": (None,)}
         return next((name for name, values in neutral.items() if getattr(self, name) not in values), None)
 
 
@@ -171,30 +173,39 @@ completion_request = json_body(CompletionRequest)
 chat_request = json_body(ChatCompletionRequest)
 
 
-def completion_header(model_id: str) -> dict[str, Any]:
+def completion_header(model_id: str, fingerprint: str) -> dict[str, Any]:
     """The fields a completion, and each chunk of its stream, starts with."""
     return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-            "model": model_id}
+            "model": model_id, "system_fingerprint": fingerprint}
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_header(model_id: str) -> dict[str, Any]:
+def chat_header(model_id: str, fingerprint: str) -> dict[str, Any]:
     """The fields a chat completion starts with; its chunks' `object` is "chat.completion.chunk"."""
     return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
-            "created": int(time.time()), "model": model_id}
+            "created": int(time.time()), "model": model_id, "system_fingerprint": fingerprint}
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": None,
+def chat_choice(index: int, content: str, finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
-def chunk_choice(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+def chunk_choice(index: int, delta: dict[str, str], finish_reason: str | None = None,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A choice of a chat stream's chunk: `delta` is {"role", "content"} first, then {"content"}, then {}."""
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def model_card(model_id: str, created: int, max_model_len: int, chat: bool) -> dict[str, Any]:
+    """The served model as `GET /v1/models` lists it and `GET /v1/models/{id}` answers."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "gptforge",
+            "max_model_len": max_model_len, "chat": chat}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

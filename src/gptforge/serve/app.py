@@ -1,10 +1,10 @@
 """The HTTP app of `gptforge serve`: its routes, and `create_app`, which wires an engine into them.
 
 `/` is the playground page and `/health` the engine's occupancy (GET or HEAD), open to all; under `/v1`,
-behind the API key, the model list, the completions and the chat completions, whose work is completions.py's
-and chat.py's. Routes read what they serve from `app.state`; the app starts and stops the engine with its
-lifespan. The process around it (options,
-the socket, the signals that drain it) is server.py's.
+behind the API key, the model list and the model, the completions and the chat completions, whose work is
+completions.py's and chat.py's. Routes read what they serve from `app.state`; the app starts and stops the
+engine with its lifespan. The process around it (options, the socket, the signals that drain it) is
+server.py's.
 """
 
 import importlib.resources
@@ -24,9 +24,10 @@ from gptforge.serve.api import (
     answer_errors_in_openai_shape,
     chat_request,
     completion_request,
+    model_card,
 )
 from gptforge.serve.chat import Chat
-from gptforge.serve.completions import Completions
+from gptforge.serve.completions import Completions, check_model
 from gptforge.serve.engine import Engine
 from gptforge.serve.guards import BodyLimit, bearer_check
 
@@ -54,13 +55,21 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if state.draining else 200)
 
 
+def card(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    return model_card(state.model_id, state.created, state.engine.model.config.block_size,
+                      state.chat.template is not None)
+
+
 @v1.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    state = request.app.state
-    return {"object": "list", "data": [
-        {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "gptforge",
-         "max_model_len": state.engine.model.config.block_size, "chat": state.chat.template is not None}
-    ]}
+    return {"object": "list", "data": [card(request)]}
+
+
+@v1.get("/models/{model_id:path}")  # the client's models.retrieve; an id may hold a slash
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    check_model(model_id, request.app.state.model_id)
+    return card(request)
 
 
 @v1.post("/completions", response_model=None)

@@ -3,9 +3,10 @@ engine job, and the job's deltas become one `chat.completion` or a stream of `ch
 
 It holds chat's policy: the messages it takes (system, developer as system, user and assistant, with text
 content), the prompt the template renders from them (chat_template.py: it ends with the assistant's marker),
-the answer's stop at the template's end-of-turn id, and how long an answer may grow. The jobs, the deltas and
-cancelling a request whose client left are completions.py's plumbing; the shapes are api.py's; the route is
-app.py's.
+the answer's stop at the template's end-of-turn id, how long an answer may grow, and its logprobs (the
+answer's tokens, the end marker left out, as it is from the text). The jobs, the deltas, logit_bias and
+cancelling a request whose client left are completions.py's plumbing; the shapes are api.py's and
+logprobs.py's; the route is app.py's.
 """
 
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gptforge.chat_template import ChatTemplate
 from gptforge.errors import GptforgeError
 from gptforge.serve.api import (
+    MAX_TOP_LOGPROBS,
     APIError,
     ChatCompletionRequest,
     ChatMessage,
@@ -31,11 +33,14 @@ from gptforge.serve.completions import (
     cancel,
     check_model,
     gather,
+    logit_bias,
     sse,
     stop_strings,
     submit,
+    vocabulary,
 )
-from gptforge.serve.engine import Engine, Job, Sampling
+from gptforge.serve.engine import Engine, Job, Sampling, TokenLogprob
+from gptforge.serve.logprobs import TokenStrings, chat_logprobs
 
 # OpenAI's roles as the template's; "developer" is what OpenAI's newer models call the system message
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -92,6 +97,7 @@ class Chat:
         eot = self.tokenizer.eot_token
         self.stop_tokens = frozenset() if template is None else frozenset(
             {template.end} if eot is None else {template.end, eot})
+        self.strings = TokenStrings(self.tokenizer)
 
     async def respond(
         self, body: ChatCompletionRequest, request: Request
@@ -104,25 +110,50 @@ class Chat:
         if (name := body.unsupported()) is not None:
             raise APIError(400, f"{name} is not supported by gptforge serve", name)
         ids = self.render(template, conversation(body.messages))
+        top = self.top_logprobs(body)
         temperature = 1.0 if body.temperature is None else body.temperature
         sampling = Sampling(self.max_tokens(body, len(ids)), temperature, body.top_k, body.top_p,
-                            stop_strings(body.stop), body.seed, self.stop_tokens)
+                            stop_strings(body.stop), body.seed, self.stop_tokens,
+                            logit_bias=logit_bias(body.logit_bias, vocabulary(self.engine)),
+                            presence_penalty=body.presence_penalty or 0.0,
+                            frequency_penalty=body.frequency_penalty or 0.0, logprobs=top)
         n = body.n or 1
         deltas, jobs = submit(self.engine, [ids], n, sampling)
-        header = chat_header(self.model_id)
+        header = chat_header(self.model_id, self.engine.fingerprint)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self.stream(deltas, jobs, header, len(ids) if include_usage else None),
+                self.stream(deltas, jobs, header, len(ids) if include_usage else None, top is not None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        gathered = await gather(self.engine, request, deltas, jobs)
-        if gathered is None:  # the client is gone: nobody reads this
+        answers = await gather(self.engine, request, deltas, jobs)
+        if answers is None:  # the client is gone: nobody reads this
             return JSONResponse({}, status_code=499)
-        texts, reasons, completion_tokens = gathered
-        choices = [chat_choice(i, *answer) for i, answer in enumerate(zip(texts, reasons, strict=True))]
+        choices = [chat_choice(i, a.text, a.finish_reason,
+                               None if top is None else self.logprobs(a.logprobs))
+                   for i, a in enumerate(answers)]
+        completion_tokens = sum(a.tokens for a in answers)
         return JSONResponse({**header, "choices": choices, "usage": usage(len(ids), completion_tokens)})
+
+    @staticmethod
+    def top_logprobs(body: ChatCompletionRequest) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs): `top_logprobs` needs
+        `logprobs: true`, as at OpenAI, and is at most MAX_TOP_LOGPROBS."""
+        if not body.logprobs:
+            if body.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            return None
+        top = body.top_logprobs or 0
+        if top > MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs is {top}: at most {MAX_TOP_LOGPROBS}, as OpenAI's chat "
+                                "completions allow", "top_logprobs")
+        return top
+
+    def logprobs(self, entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's chat logprobs of an answer's tokens; its end marker (or end-of-text) is left out, as it
+        is from the text."""
+        return chat_logprobs(self.strings, [e for e in entries if e.token not in self.stop_tokens])
 
     def render(self, template: ChatTemplate, turns: list[dict[str, str]]) -> list[int]:
         """The prompt's ids: the conversation, then the assistant's marker. A 400 naming the message whose
@@ -156,17 +187,20 @@ class Chat:
         return asked
 
     async def stream(
-        self, deltas: Deltas, jobs: list[Job], header: dict[str, Any], prompt_tokens: int | None
+        self, deltas: Deltas, jobs: list[Job], header: dict[str, Any], prompt_tokens: int | None,
+        logprobs: bool,
     ) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them: each choice's role first, then its text piece by piece,
         then an empty delta with its finish_reason; the usage when asked for (every other chunk then has
-        `"usage": null`), then [DONE]. Starlette cancels this generator when the client disconnects;
+        `"usage": null`), then [DONE]. A piece's logprobs come with it (those of tokens whose text a stop
+        string cut off, with the finish). Starlette cancels this generator when the client disconnects;
         `finally` then frees the job's slots."""
         head = {**header, "object": "chat.completion.chunk"}
         tail = {} if prompt_tokens is None else {"usage": None}
 
-        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> str:
-            return sse({**head, "choices": [chunk_choice(index, delta, finish_reason)], **tail})
+        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None,
+                  logprobs: dict[str, Any] | None = None) -> str:
+            return sse({**head, "choices": [chunk_choice(index, delta, finish_reason, logprobs)], **tail})
 
         completion_tokens = 0
         try:
@@ -174,10 +208,13 @@ class Chat:
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for index, delta in deltas:
                 completion_tokens += delta.tokens
+                pending = self.logprobs(delta.logprobs) if logprobs else None
                 if delta.text:
-                    yield chunk(index, {"content": delta.text})
+                    yield chunk(index, {"content": delta.text}, logprobs=pending)
+                    pending = None
                 if delta.finish_reason is not None:
-                    yield chunk(index, {}, delta.finish_reason)
+                    cut_off = pending if pending and pending["content"] else None
+                    yield chunk(index, {}, delta.finish_reason, cut_off)
             if prompt_tokens is not None:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
             yield sse("[DONE]")

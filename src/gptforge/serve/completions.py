@@ -2,25 +2,45 @@
 JSON body or a stream of server-sent events.
 
 It holds the request's policy (the model's id, the max_tokens limit, the stop strings, tokenizing the
-prompts), carries deltas from the engine's thread into the event loop, and cancels a request's jobs when its
-client leaves; chat.py uses the same plumbing (`check_model`, `stop_strings`, `submit`, `gather`, `cancel`).
-The JSON it writes is shaped by api.py; decoding is engine.py's; the route is app.py's, the API key and the
-body limit guards.py's.
+prompts or checking their token ids, logit_bias, logprobs and echo, best_of's choice), carries deltas from
+the engine's thread into the event loop, and cancels a request's jobs when its client leaves; chat.py uses
+the same plumbing (`check_model`, `stop_strings`, `logit_bias`, `submit`, `gather`, `cancel`). The JSON it
+writes is shaped by api.py and logprobs.py; decoding is engine.py's; the route is app.py's, the API key and
+the body limit guards.py's.
 """
 
 import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptforge.errors import GptforgeError
-from gptforge.serve.api import APIError, CompletionRequest, choice, completion_header, usage
-from gptforge.serve.engine import Delta, Engine, EngineStopped, InvalidJob, Job, QueueFull, Sampling
+from gptforge.serve.api import (
+    MAX_BIAS,
+    MAX_LOGPROBS,
+    APIError,
+    CompletionRequest,
+    choice,
+    completion_header,
+    usage,
+)
+from gptforge.serve.engine import (
+    Delta,
+    Engine,
+    EngineStopped,
+    InvalidJob,
+    Job,
+    QueueFull,
+    Sampling,
+    TokenLogprob,
+)
+from gptforge.serve.logprobs import CompletionLogprobs, TokenStrings, joined
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
@@ -82,6 +102,26 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def vocabulary(engine: Engine) -> int:
+    """The token ids a request may name: those both the tokenizer and the model have."""
+    return min(engine.tokenizer.vocab_size, engine.model.config.vocab_size)
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """A request's `logit_bias` as (token id, bias) pairs: a 400 for a key that is no token id of the
+    vocabulary (decimal digits, as OpenAI's are) and for a bias outside [-100, 100]."""
+    pairs: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias: {key[:40]!r} is no token id of this model's vocabulary "
+                                f"(0 to {vocab_size - 1})", "logit_bias")
+        if not -MAX_BIAS <= value <= MAX_BIAS:
+            raise APIError(400, f"logit_bias[{key!r}] is {value}: a bias is between -{MAX_BIAS} and "
+                                f"{MAX_BIAS}", "logit_bias")
+        pairs[int(key)] = float(value)
+    return tuple(pairs.items())
+
+
 def submit(engine: Engine, ids: list[list[int]], n: int, sampling: Sampling) -> tuple[Deltas, list[Job]]:
     """Queue a job per prompt, `n` samples each; their deltas arrive in the returned Deltas. Choice c of seed
     s draws as choice 0 of seed s + c: prompt i's samples start at seed s + i * n."""
@@ -106,22 +146,31 @@ def cancel(engine: Engine, jobs: list[Job]) -> None:
         engine.cancel(job)
 
 
-async def gather(
-    engine: Engine, request: Request, deltas: Deltas, jobs: list[Job]
-) -> tuple[list[str], list[str | None], int] | None:
-    """Every choice's whole text and finish_reason, and the tokens generated in all; None when the client
-    left first, whose jobs are then cancelled at once. APIError 500 when the engine failed."""
-    n_choices = len(jobs) * jobs[0].n
-    texts: list[list[str]] = [[] for _ in range(n_choices)]
-    reasons: list[str | None] = [None] * n_choices
+@dataclass
+class Answer:
+    """A sample as a whole: its text, how it ended, the tokens it drew, and, when the job asked, their
+    logprobs (and the prompt's)."""
 
-    async def collect() -> int:
-        tokens = 0
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: tuple[TokenLogprob, ...] | None = None
+
+
+async def gather(engine: Engine, request: Request, deltas: Deltas, jobs: list[Job]) -> list[Answer] | None:
+    """Every sample whole, in choice order; None when the client left first, whose jobs are then cancelled at
+    once. APIError 500 when the engine failed."""
+    answers = [Answer() for _ in range(len(jobs) * jobs[0].n)]
+
+    async def collect() -> None:
         async for index, delta in deltas:
-            texts[index].append(delta.text)
-            reasons[index] = delta.finish_reason or reasons[index]
-            tokens += delta.tokens
-        return tokens
+            answer = answers[index]
+            answer.text += delta.text
+            answer.finish_reason = delta.finish_reason or answer.finish_reason
+            answer.tokens += delta.tokens
+            answer.logprobs += delta.logprobs
+            answer.prompt = delta.prompt if delta.prompt is not None else answer.prompt
 
     collecting, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(client_gone(request))
     try:
@@ -134,10 +183,51 @@ async def gather(
     if collecting.cancelled():  # the client is gone: nobody reads this
         return None
     try:
-        tokens = collecting.result()
+        collecting.result()
     except EngineFailure as e:
         raise APIError(500, str(e)) from None
-    return ["".join(parts) for parts in texts], reasons, tokens
+    return answers
+
+
+def best(candidates: list[Answer], n: int) -> list[Answer]:
+    """best_of's choice: the `n` candidates of the highest summed logprob, best first (ties: the earlier)."""
+    if len(candidates) == n:
+        return candidates
+    return sorted(candidates, key=lambda a: -sum(e.logprob or 0.0 for e in a.logprobs))[:n]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt's ids, and the text echo shows: the prompt as sent, or its ids decoded."""
+
+    ids: list[int]
+    text: str
+
+
+class ChoiceText:
+    """A choice's text and logprobs as they are handed out, the whole at once or a stream's pieces: with echo,
+    the prompt's text and logprobs come first, with the first piece."""
+
+    def __init__(self, prompt: Prompt, echo: bool, strings: TokenStrings | None):
+        self.prompt, self.echo = prompt, echo
+        self.logprobs = None if strings is None else CompletionLogprobs(strings)
+        self.started, self.length = False, 0
+
+    def piece(
+        self, text: str, logprobs: Sequence[TokenLogprob], prompt: Sequence[TokenLogprob] | None
+    ) -> tuple[str, dict[str, Any] | None]:
+        parts, restart = [], None
+        if not self.started and self.echo:
+            text = self.prompt.text + text
+            restart = len(self.prompt.text)
+            if self.logprobs is not None:
+                parts.append(self.logprobs.part(prompt or (), restart))
+        self.started = True
+        self.length += len(text)
+        if self.logprobs is None:
+            return text, None
+        parts.append(self.logprobs.part(logprobs, self.length, restart))
+        return text, joined(*parts)
 
 
 class Completions:
@@ -151,25 +241,34 @@ class Completions:
                                 f"{block_size} tokens (its block_size)")
         self.engine, self.tokenizer, self.model_id = engine, engine.tokenizer, model_id
         self.max_tokens_limit = max_tokens_limit or block_size
+        self.vocab_size = vocabulary(engine)
+        self.strings = TokenStrings(self.tokenizer)
 
     async def respond(self, body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         """The completion of `body`: one JSON body, or server-sent events when it asks to stream."""
         prompts, stop = self.check(body)
-        ids = [self.encode(prompt) for prompt in prompts]
-        sampling = Sampling(body.max_tokens, body.temperature, body.top_k, body.top_p, stop, body.seed)
-        deltas, jobs = submit(self.engine, ids, body.n, sampling)
-        header = completion_header(self.model_id)
-        prompt_tokens = sum(len(prompt) for prompt in ids)
+        best_of = body.best_of or body.n
+        # best_of ranks its candidates by their logprobs: drawn tokens' own at least
+        top = body.logprobs if body.logprobs is not None else 0 if best_of > body.n else None
+        sampling = Sampling(
+            body.max_tokens, body.temperature, body.top_k, body.top_p, stop, body.seed,
+            logit_bias=logit_bias(body.logit_bias, self.vocab_size), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logprobs=top,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        )
+        deltas, jobs = submit(self.engine, [prompt.ids for prompt in prompts], best_of, sampling)
+        header = completion_header(self.model_id, self.engine.fingerprint)
+        prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self.stream(deltas, jobs, header, prompt_tokens if include_usage else None),
+                self.stream(body, prompts, deltas, jobs, header, prompt_tokens if include_usage else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await self.complete(request, deltas, jobs, header, prompt_tokens)
+        return await self.complete(body, prompts, request, deltas, jobs, header, prompt_tokens)
 
-    def check(self, body: CompletionRequest) -> tuple[list[str], tuple[str, ...]]:
+    def check(self, body: CompletionRequest) -> tuple[list[Prompt], tuple[str, ...]]:
         """The request's prompts and stop strings; APIError for what this server does not do."""
         check_model(body.model, self.model_id)
         if (name := body.unsupported()) is not None:
@@ -177,11 +276,41 @@ class Completions:
         if body.max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens is {body.max_tokens}, above this server's limit of "
                                 f"{self.max_tokens_limit}", "max_tokens")
-        stop = stop_strings(body.stop)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
+        if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
+            raise APIError(400, f"logprobs is {body.logprobs}: at most {MAX_LOGPROBS}, as OpenAI's "
+                                "completions allow", "logprobs")
+        if body.best_of is not None:
+            if body.best_of < body.n:
+                raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", "best_of")
+            if body.best_of > self.engine.max_batch:
+                raise APIError(400, f"best_of must be between 1 and {self.engine.max_batch} (this server's "
+                                    f"batch), got {body.best_of}", "best_of")
+            if body.stream and body.best_of > body.n:
+                raise APIError(400, "best_of cannot stream: the best are known at the end; stream with "
+                                    "best_of equal to n, or not at all", "best_of")
+        return self.prompts(body.prompt), stop_strings(body.stop)
+
+    def prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+        """A request's prompts: a text, texts, token ids, or lists of them."""
+        if isinstance(prompt, str):
+            return [Prompt(self.encode(prompt), prompt)]
+        if not prompt:
             raise APIError(400, "prompt is an empty list", "prompt")
-        return prompts, stop
+        if isinstance(prompt[0], str):
+            return [Prompt(self.encode(text), text) for text in prompt]
+        if isinstance(prompt[0], int):
+            return [self.token_prompt(prompt, "prompt")]
+        return [self.token_prompt(ids, f"prompt[{i}]") for i, ids in enumerate(prompt)]
+
+    def token_prompt(self, ids: list[int], where: str) -> Prompt:
+        """A prompt given as token ids, each one of the vocabulary's."""
+        if not ids:
+            raise APIError(400, f"{where} is an empty list of token ids", "prompt")
+        bad = next((token for token in ids if not 0 <= token < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{where} has the token id {bad}, which is not in this model's vocabulary "
+                                f"(0 to {self.vocab_size - 1})", "prompt")
+        return Prompt(ids, self.tokenizer.decode(ids))
 
     def encode(self, prompt: str) -> list[int]:
         """A prompt's ids; an empty prompt is end-of-text, where the tokenizer has one."""
@@ -194,16 +323,24 @@ class Completions:
                            "prompt")
         return ids or [self.tokenizer.eot_token]
 
+    def choice_text(self, body: CompletionRequest, prompt: Prompt) -> ChoiceText:
+        return ChoiceText(prompt, body.echo, None if body.logprobs is None else self.strings)
+
     async def stream(
-        self, deltas: Deltas, jobs: list[Job], header: dict[str, Any], prompt_tokens: int | None
+        self, body: CompletionRequest, prompts: list[Prompt], deltas: Deltas, jobs: list[Job],
+        header: dict[str, Any], prompt_tokens: int | None,
     ) -> AsyncIterator[str]:
         """Server-sent events: a chunk per delta, the usage when asked for, then [DONE]. Starlette cancels
         this generator when the client disconnects; `finally` then frees the jobs' slots."""
         completion_tokens = 0
+        choices: dict[int, ChoiceText] = {}
         try:
             async for index, delta in deltas:
                 completion_tokens += delta.tokens
-                yield sse({**header, "choices": [choice(index, delta.text, delta.finish_reason)]})
+                if index not in choices:
+                    choices[index] = self.choice_text(body, prompts[index // body.n])
+                text, logprobs = choices[index].piece(delta.text, delta.logprobs, delta.prompt)
+                yield sse({**header, "choices": [choice(index, text, delta.finish_reason, logprobs)]})
             if prompt_tokens is not None:
                 yield sse({**header, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
             yield sse("[DONE]")
@@ -213,12 +350,20 @@ class Completions:
             cancel(self.engine, jobs)
 
     async def complete(
-        self, request: Request, deltas: Deltas, jobs: list[Job], header: dict[str, Any], prompt_tokens: int
+        self, body: CompletionRequest, prompts: list[Prompt], request: Request, deltas: Deltas,
+        jobs: list[Job], header: dict[str, Any], prompt_tokens: int,
     ) -> JSONResponse:
-        """The whole completion as one JSON body; a client that leaves first cancels its jobs at once."""
-        gathered = await gather(self.engine, request, deltas, jobs)
-        if gathered is None:  # the client is gone: nobody reads this
+        """The whole completion as one JSON body; a client that leaves first cancels its jobs at once. With
+        best_of, each prompt's best n of its best_of candidates; usage counts every candidate's tokens."""
+        answers = await gather(self.engine, request, deltas, jobs)
+        if answers is None:  # the client is gone: nobody reads this
             return JSONResponse({}, status_code=499)
-        texts, reasons, completion_tokens = gathered
-        choices = [choice(i, *answer) for i, answer in enumerate(zip(texts, reasons, strict=True))]
+        candidates = jobs[0].n
+        choices = []
+        for i, prompt in enumerate(prompts):
+            for rank, answer in enumerate(best(answers[i * candidates:(i + 1) * candidates], body.n)):
+                text, logprobs = self.choice_text(body, prompt).piece(answer.text, answer.logprobs,
+                                                                      answer.prompt)
+                choices.append(choice(i * body.n + rank, text, answer.finish_reason, logprobs))
+        completion_tokens = sum(answer.tokens for answer in answers)
         return JSONResponse({**header, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})

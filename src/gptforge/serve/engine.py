@@ -9,19 +9,24 @@ waiting job takes it before the next step.
 
 Numerics: a prefill's shape depends on its prompt only, each step has the same shape (`batch_invariant`),
 attention runs slot by slot and every sample draws from its own seeded generator, so a seeded job gives the
-same text alone or among others. The engine knows text only as far as samples need it: complete characters
-out (`TextStream`) and stop strings. It knows nothing of HTTP: that is app.py's, above it.
+same text alone or among others. A sample draws from its logits steered by OpenAI's `logit_bias` and
+presence and frequency penalties (row by row, so the guarantee holds); what it reports as logprobs is the
+model's own distribution, the log-softmax of the raw logits, before any of that. The engine knows text only
+as far as samples need it: complete characters out (`TextStream`) and stop strings. It knows nothing of
+HTTP: that is app.py's, above it.
 """
 
+import hashlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
+from gptforge import __version__
 from gptforge.generate import filter_logits, overflow_free
 from gptforge.kv_cache import SlotKVCache
 from gptforge.model import GPT
@@ -30,12 +35,23 @@ from gptforge.tokenizer import TextStream, Tokenizer
 log = logging.getLogger("gptforge.serve")
 
 
+HEAD_CHUNK = 1 << 26  # prompt logits computed at once (elements): 256 MiB in float32, whatever the vocabulary
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How a job samples (OpenAI's fields): greedy at temperature 0; `seed` None draws a fresh one.
+    """How a job samples (OpenAI's fields): greedy at temperature 0; `seed` None draws a fresh one;
+    `max_tokens` 0 draws nothing (the prompt is scored only).
 
     `stop_tokens` end a sample and are never shown: a chat's end-of-turn id; None means the tokenizer's
-    end-of-text (none for a tokenizer without one), as a completion ends."""
+    end-of-text (none for a tokenizer without one), as a completion ends.
+
+    `logit_bias` ((token, bias) pairs) is added to the logits and OpenAI's penalties are subtracted,
+    `frequency_penalty` times the count of each token the sample drew so far and `presence_penalty` once for
+    each token it drew at all, before temperature, top-k and top-p; greedy samples are steered too.
+
+    `logprobs` (not None) reports each drawn token's logprob and its `logprobs` likeliest alternatives;
+    `prompt_logprobs` the prompt's tokens' too, each given the tokens before it."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -44,18 +60,40 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stop_tokens: frozenset[int] | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the model (the log-softmax of its raw logits, in float32), with
+    the `top` likeliest tokens there as (token, logprob), likeliest first. A prompt's first token, which
+    nothing predicts, has None for both."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     """New text of sample `index` of a job. A sample's last delta has its `finish_reason` ("stop": a stop
-    token or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job."""
+    token or a stop string, "length": max_tokens) and `tokens` generated; an `error` ends the whole job.
+
+    With `Sampling.logprobs`, `logprobs` has the tokens drawn since the sample's previous delta (a token
+    whose text is held back waits for the next one), every drawn token once, its stop token included. With
+    `prompt_logprobs`, each sample's first delta, at its prefill, has the prompt's in `prompt`."""
 
     index: int
     text: str
     finish_reason: str | None = None
     tokens: int = 0
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt: tuple[TokenLogprob, ...] | None = None
 
 
 class Job:
@@ -119,6 +157,23 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
     return tokens
 
 
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry from one row of log-softmaxed logits (vocab,), with the `top` likeliest tokens."""
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def fingerprint(device: torch.device, dtype: torch.dtype, max_batch: int, batch_invariant: bool) -> str:
+    """OpenAI's `system_fingerprint`: what, besides the model and the request, can change the numbers (the
+    versions, the device, the dtype, torch's threads, the batch's shape)."""
+    what = (__version__, torch.__version__, str(device), str(dtype), torch.get_num_threads(), max_batch,
+            batch_invariant)
+    return "fp_" + hashlib.sha256(repr(what).encode()).hexdigest()[:12]
+
+
 class StopStrings:
     """Text in, text out, cut at the first stop string: text that may be the start of one is held back until
     it is known not to be, so no stop string ever reaches the reader, even split across tokens."""
@@ -155,8 +210,14 @@ class _Sample:
     text: TextStream
     stops: StopStrings
     stop_tokens: frozenset[int]
+    bias: torch.Tensor | None = None  # the job's logit_bias, as a row of the vocabulary
+    counts: torch.Tensor | None = None  # how often it drew each token: what the penalties count
     tokens: int = 0
     last: int = 0  # the token fed at the next step
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # drawn, not yet handed out
+
+    def steered(self) -> bool:
+        return self.bias is not None or self.counts is not None
 
 
 class Engine:
@@ -180,6 +241,7 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
+        self.fingerprint = fingerprint(param.device, param.dtype, max_batch, batch_invariant)
 
     # -- the caller's side: any thread --
 
@@ -209,9 +271,13 @@ class Engine:
                 )
             if not job.prompt:
                 raise InvalidJob("the prompt has no tokens", "prompt")
-            if max(job.prompt) >= vocab_size:
+            if max(job.prompt) >= vocab_size or min(job.prompt) < 0:
                 raise InvalidJob(
                     f"the prompt has token ids the {vocab_size}-token model does not know", "prompt"
+                )
+            if any(not 0 <= token < vocab_size for token, _ in job.sampling.logit_bias):
+                raise InvalidJob(
+                    f"logit_bias has token ids the {vocab_size}-token model does not know", "logit_bias"
                 )
             if len(job.prompt) + job.sampling.max_tokens > block_size:
                 raise InvalidJob(
@@ -292,29 +358,84 @@ class Engine:
     def _prefill(self, job: Job, slots: list[int]) -> None:
         """Run the prompt once, alone, into the first slot; the job's other samples start from copies of
         it."""
+        sampling = job.sampling
         prompt = torch.tensor([job.prompt], device=self.device)
-        logits, _ = self.model(prompt, kv_cache=self.cache.slot(slots[0]))
+        prompt_logprobs = None
+        if sampling.prompt_logprobs:  # the head at every position, not the last only
+            hidden = self.model.hidden_states(prompt, kv_cache=self.cache.slot(slots[0]))
+            logits = self.model.head(hidden[:, [-1]])
+            prompt_logprobs = self._prompt_logprobs(job.prompt, hidden[0, :-1], sampling.logprobs or 0)
+        else:
+            logits, _ = self.model(prompt, kv_cache=self.cache.slot(slots[0]))
         self.cache.occupy(slots[0], len(job.prompt))
+        if sampling.max_tokens == 0:  # scoring only: nothing to draw
+            self.cache.free(slots[0])
+            for index in range(job.n):
+                job.on_delta(Delta(index, "", "length", 0, prompt=prompt_logprobs))
+            return
         for slot in slots[1:]:
             self.cache.copy(slots[0], slot)
-        stop_tokens = job.sampling.stop_tokens
+        stop_tokens = sampling.stop_tokens
         if stop_tokens is None:
             eot = self.tokenizer.eot_token
             stop_tokens = frozenset() if eot is None else frozenset({eot})
+        vocab_size = logits.size(-1)
+        bias = None
+        if sampling.logit_bias:
+            bias = torch.zeros(vocab_size, device=self.device)
+            ids, values = zip(*sampling.logit_bias, strict=True)
+            bias[list(ids)] = torch.tensor(values, device=self.device)
+        penalized = bool(sampling.presence_penalty or sampling.frequency_penalty)
         samples = []
         for index, slot in enumerate(slots):
             generator = torch.Generator(device=self.device)
-            if job.sampling.seed is None:
+            if sampling.seed is None:
                 generator.seed()
             else:  # sample i of seed s draws as sample 0 of seed s + i
-                generator.manual_seed(job.sampling.seed + index)
+                generator.manual_seed(sampling.seed + index)
+            counts = torch.zeros(vocab_size, device=self.device) if penalized else None
             samples.append(_Sample(job, index, slot, generator, TextStream(self.tokenizer),
-                                   StopStrings(job.sampling.stop), stop_tokens))
+                                   StopStrings(sampling.stop), stop_tokens, bias, counts))
             self.samples[slot] = samples[-1]
-        rows = [(job.sampling, s.generator) for s in samples]
-        tokens = draw(logits[:, -1].expand(len(samples), -1), rows)
+            if prompt_logprobs is not None:
+                job.on_delta(Delta(index, "", prompt=prompt_logprobs))
+        rows = [(sampling, s.generator) for s in samples]
+        last = logits[:, -1]
+        tokens = draw(self._steered(last.expand(len(samples), -1), samples), rows)
+        # one row for all the samples: its shape is the prompt's alone
+        logprobs = F.log_softmax(last.float(), dim=-1)[0] if sampling.logprobs is not None else None
         for sample, token in zip(samples, tokens, strict=True):
-            self._take(sample, token)
+            assert token is not None
+            entry = None if logprobs is None else token_logprob(logprobs, token, sampling.logprobs or 0)
+            self._take(sample, token, entry)
+
+    def _prompt_logprobs(self, prompt: list[int], hidden: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's logprob given the tokens before it, from the hidden states of the positions
+        before it (evaluate.Scorer's way: the head in chunks, the log-softmax in float32)."""
+        entries = [TokenLogprob(prompt[0], None, None)]
+        step = max(1, HEAD_CHUNK // self.model.config.vocab_size)
+        for start in range(0, len(prompt) - 1, step):
+            logprobs = F.log_softmax(self.model.head(hidden[start:start + step]).float(), dim=-1)
+            targets = prompt[start + 1:start + 1 + step]
+            entries += [token_logprob(row, token, top) for row, token in zip(logprobs, targets, strict=True)]
+        return tuple(entries)
+
+    def _steered(self, logits: torch.Tensor, samples: list["_Sample | None"]) -> torch.Tensor:
+        """The logits each row draws from: its logit_bias added, its penalties subtracted (OpenAI's formula:
+        logit - count * frequency_penalty - (count > 0) * presence_penalty). Row by row, on a copy."""
+        if not any(s is not None and s.steered() for s in samples):
+            return logits
+        logits = logits.float().clone(memory_format=torch.contiguous_format)  # a prefill's rows are one
+        for row, sample in enumerate(samples):
+            if sample is None:
+                continue
+            if sample.bias is not None:
+                logits[row] += sample.bias
+            if sample.counts is not None:
+                sampling = sample.job.sampling
+                logits[row] -= (sample.counts * sampling.frequency_penalty
+                                + (sample.counts > 0).float() * sampling.presence_penalty)
+        return logits
 
     def _decode(self) -> None:
         """One token for every busy slot, in one forward."""
@@ -326,16 +447,25 @@ class Engine:
         last = [[sample.last if sample is not None else 0] for sample in samples]
         logits, _ = self.model(torch.tensor(last, device=self.device), kv_cache=self.cache)
         draws = [(s.job.sampling, s.generator) if s is not None else None for s in samples]
-        tokens = draw(logits[:, -1], draws)
-        for sample, token in zip(samples, tokens, strict=True):
+        tokens = draw(self._steered(logits[:, -1], samples), draws)
+        wanted = any(s is not None and s.job.sampling.logprobs is not None for s in samples)
+        # every row's at once: a row's numbers then depend on the step's shape only, as the draw's do
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1) if wanted else None
+        for row, (sample, token) in enumerate(zip(samples, tokens, strict=True)):
             if sample is not None and token is not None:
-                self._take(sample, token)
+                top = sample.job.sampling.logprobs
+                entry = None if logprobs is None or top is None else token_logprob(logprobs[row], token, top)
+                self._take(sample, token, entry)
 
-    def _take(self, sample: _Sample, token: int) -> None:
+    def _take(self, sample: _Sample, token: int, entry: TokenLogprob | None = None) -> None:
         """Append `token` to the sample and hand out what text it completes; end the sample where it ends."""
         sampling = sample.job.sampling
         sample.tokens += 1
         sample.last = token
+        if entry is not None:
+            sample.logprobs.append(entry)
+        if sample.counts is not None:
+            sample.counts[token] += 1
         stop_token = token in sample.stop_tokens
         ended = stop_token or sample.tokens == sampling.max_tokens
         new = "" if stop_token else sample.text.push(token)
@@ -346,9 +476,17 @@ class Engine:
             self._release(sample)
             reason = "stop" if stopped or stop_token else "length"
             text += "" if stopped else sample.stops.flush()
-            sample.job.on_delta(Delta(sample.index, text, reason, sample.tokens))
+            handed = self._handed(sample)
+            sample.job.on_delta(Delta(sample.index, text, reason, sample.tokens, logprobs=handed))
         elif text:
-            sample.job.on_delta(Delta(sample.index, text))
+            sample.job.on_delta(Delta(sample.index, text, logprobs=self._handed(sample)))
+
+    @staticmethod
+    def _handed(sample: _Sample) -> tuple[TokenLogprob, ...]:
+        """The logprobs the sample's next delta carries: all those not yet handed out."""
+        out = tuple(sample.logprobs)
+        sample.logprobs.clear()
+        return out
 
     def _release(self, sample: _Sample) -> None:
         self.cache.free(sample.slot)
