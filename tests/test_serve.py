@@ -34,12 +34,13 @@ BLOCK_SIZE = 128
 
 
 def tiny_hf_dir(directory: Path) -> Path:
-    """A random 2-layer GPT-2 with the full GPT-2 vocabulary, saved as transformers saves it. A wide initialisation
-    makes its next-token distributions peaked, so its text depends on the prompt."""
+    """A random 2-layer GPT-2 with the full GPT-2 vocabulary, saved as transformers saves it. A wide
+    initialisation makes its next-token distributions peaked, so its text depends on the prompt."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=BLOCK_SIZE, initializer_range=0.5)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=BLOCK_SIZE,
+                                     initializer_range=0.5)
     transformers.GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
 
@@ -55,7 +56,8 @@ def server(model_dir: Path, **options: Any) -> Iterator[tuple[str, Any]]:
     opts = ServeOptions(init_from=str(model_dir), **{"max_batch": 4, "max_queue": 16, "max_tokens_limit": 100,
                                                       "max_request_bytes": 2000, **options})
     source = load_source(opts.init_from)
-    engine = Engine(source.model.eval(), source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
+    engine = Engine(source.model.eval(), source.tokenizer, opts.max_batch, opts.max_queue,
+                    opts.batch_invariant)
     app = create_app(engine, "tiny-gpt2", opts)
     with serve_in_thread(app, request_timeout=opts.request_timeout) as url:
         yield url, app
@@ -82,7 +84,8 @@ def complete(client: httpx.Client, **body: Any) -> dict[str, Any]:
 def stream(client: httpx.Client, **body: Any) -> list[Any]:
     """The decoded `data:` payloads of a streamed completion, "[DONE]" as a string."""
     events = []
-    with client.stream("POST", "/v1/completions", json={"prompt": "The meaning of life is", "stream": True, **body}) as r:
+    with client.stream("POST", "/v1/completions",
+                       json={"prompt": "The meaning of life is", "stream": True, **body}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line:
@@ -120,7 +123,8 @@ def test_a_greedy_completion_is_the_models_argmax_continuation(client, model_dir
     with torch.inference_mode():
         expected = source.model.eval().generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):]
     assert choice["text"] == source.tokenizer.decode(expected.tolist())
-    assert result["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+    assert result["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
+                               "total_tokens": len(ids) + 12}
 
 
 def test_streaming_gives_the_text_of_the_whole_completion(client):
@@ -142,8 +146,10 @@ def test_n_samples_and_prompt_lists(client):
     # choice c of seed s draws as choice 0 of seed s + c, whether sent together, alone or streamed
     assert [complete(client, seed=1 + i, max_tokens=16)["choices"][0]["text"] for i in range(3)] == [
         c["text"] for c in three]
-    assert streamed_texts(stream(client, n=3, seed=1, max_tokens=16)) == {c["index"]: c["text"] for c in three}
-    listed = complete(client, prompt=["Once upon a time", "The meaning of life is"], n=2, seed=5, max_tokens=8)
+    assert streamed_texts(stream(client, n=3, seed=1, max_tokens=16)) == {
+        c["index"]: c["text"] for c in three}
+    listed = complete(client, prompt=["Once upon a time", "The meaning of life is"], n=2, seed=5,
+                      max_tokens=8)
     assert [c["index"] for c in listed["choices"]] == [0, 1, 2, 3]
     assert listed["choices"][2]["text"] == complete(client, seed=7, max_tokens=8)["choices"][0]["text"]
     assert listed["usage"]["prompt_tokens"] == 4 + 5 and listed["usage"]["completion_tokens"] == 4 * 8
@@ -236,12 +242,13 @@ def test_bad_requests_get_openai_errors(client, body, status, param, message):
 
 
 def test_malformed_and_oversized_bodies_and_unknown_routes(client):
-    error = error_of(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
-                     400)
+    error = error_of(client.post("/v1/completions", content=b"{not json",
+                                 headers={"content-type": "application/json"}), 400)
     assert "parse the JSON body" in error["message"]
     big = {"prompt": "x" * 3000}
     assert error_of(client.post("/v1/completions", json=big), 413)["code"] == "request_too_large"
-    chunked = (part for part in (b'{"prompt": "', b"x" * 3000, b'"}'))  # no Content-Length: counted as it comes
+    # no Content-Length: counted as it comes
+    chunked = (part for part in (b'{"prompt": "', b"x" * 3000, b'"}'))
     assert error_of(client.post("/v1/completions", content=chunked), 413)["code"] == "request_too_large"
     assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
     assert error_of(client.get("/v1/completions"), 405)["message"] == "no route GET /v1/completions"
@@ -255,7 +262,8 @@ def test_the_api_key_guards_v1_only(model_dir):
             error_of(client.post("/v1/completions", json={"prompt": "hi"}, headers=headers), 401)
         good = {"Authorization": "Bearer s3cret-key"}
         assert client.get("/v1/models", headers=good).status_code == 200
-        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=good).status_code == 200
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                           headers=good).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
 
 
@@ -270,7 +278,8 @@ def health_within(client: httpx.Client, check: Callable[[dict[str, Any]], bool],
 
 @contextlib.contextmanager
 def slow_steps(app: Any, seconds: float) -> Iterator[None]:
-    """Make every forward of the app's model take at least `seconds`, so that a request outlasts the test's moves."""
+    """Make every forward of the app's model take at least `seconds`, so that a request outlasts the
+    test's moves."""
     engine = app.state.engine
     model_forward = engine.model.forward
 

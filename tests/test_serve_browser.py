@@ -19,13 +19,14 @@ from test_serve_chat import finetuned_run
 from test_serve_chat import server as chat_server
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
     needs_mirror,
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no {CHROMIUM}: apt-get install chromium (make test does)"),
+    pytest.mark.skipif(not CHROMIUM.is_file(),
+                       reason=f"no {CHROMIUM}: apt-get install chromium (make test does)"),
 ]
 
 
@@ -65,7 +66,8 @@ def test_the_playground_streams_a_completion(base_served, tmp_path):
     url, app = base_served
     settings = {"temperature": "0.8", "top_k": "200", "top_p": "1", "max_tokens": "40", "seed": "3"}
     expected = httpx.post(f"{url}/v1/completions", timeout=60, json={
-        "prompt": "Once upon a time", "temperature": 0.8, "top_k": 200, "top_p": 1, "max_tokens": 40, "seed": 3,
+        "prompt": "Once upon a time", "temperature": 0.8, "top_k": 200, "top_p": 1, "max_tokens": 40,
+        "seed": 3,
     }).json()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

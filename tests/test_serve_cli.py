@@ -40,7 +40,8 @@ def test_bad_options_are_one_line_errors(option, message, capsys):
 def test_help_lists_the_options(capsys):
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--host='127.0.0.1'", "--port=8000", "--max_batch=16", "--max_tokens_limit=None", "--api_key=None"):
+    for option in ("--host='127.0.0.1'", "--port=8000", "--max_batch=16", "--max_tokens_limit=None",
+                   "--api_key=None"):
         assert option in out
     assert "--request_timeout=30.0" in out and "request's headers and body" in out
 
@@ -50,7 +51,8 @@ def test_without_the_serve_extra_the_error_says_how_to_install_it(monkeypatch, c
     monkeypatch.delitem(sys.modules, "gptforge.serve.server", raising=False)
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == (
-        "gptforge serve: error: serving needs fastapi, which is not installed: pip install 'gptforge[serve]'\n")
+        "gptforge serve: error: serving needs fastapi, which is not installed: "
+        "pip install 'gptforge[serve]'\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -84,7 +86,8 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path):
     model_dir = tiny_hf_dir(tmp_path / "tiny-gpt2")
     process = subprocess.Popen(
         [sys.executable, "-m", "gptforge", "serve", f"--init_from={model_dir}", "--port=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         banner = process.stdout.readline()

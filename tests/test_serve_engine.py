@@ -424,7 +424,8 @@ def test_the_queue_is_bounded(model, tokenizer):
 
 
 def test_jobs_that_cannot_run_are_refused(engine, tokenizer):
-    for prompt, n, max_tokens, param in [("a" * 60, 1, 5, "max_tokens"), ("a", 7, 5, "n"), ("", 1, 5, "prompt")]:
+    for prompt, n, max_tokens, param in [("a" * 60, 1, 5, "max_tokens"), ("a", 7, 5, "n"),
+                                         ("", 1, 5, "prompt")]:
         with pytest.raises(InvalidJob) as error:
             submit(engine, tokenizer, prompt, n, max_tokens=max_tokens)
         assert error.value.param == param

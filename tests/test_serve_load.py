@@ -1,5 +1,6 @@
-"""Load tests for `gptforge serve` on 127.0.0.1: batching makes 8 concurrent requests clearly faster in total than
-the same 8 one after another, and memory stays flat over a soak of 300 requests (bounded in count and time).
+"""Load tests for `gptforge serve` on 127.0.0.1: batching makes 8 concurrent requests clearly faster in total
+than the same 8 one after another, and memory stays flat over a soak of 300 requests (bounded in count and
+time).
 
     .venv/bin/python -m pytest tests/test_serve_load.py -s   # -s prints the measured throughput ratios
 """
@@ -31,21 +32,24 @@ pytestmark = [needs_mirror, pytest.mark.slow]
 def server(config: GPTConfig, max_batch: int, batch_invariant: bool = True) -> Iterator[str]:
     torch.manual_seed(0)
     model = optimize_for_decoding(GPT(config).eval())
-    engine = Engine(model, GPT2Tokenizer(), max_batch=max_batch, max_queue=64, batch_invariant=batch_invariant)
+    engine = Engine(model, GPT2Tokenizer(), max_batch=max_batch, max_queue=64,
+                    batch_invariant=batch_invariant)
     with serve_in_thread(create_app(engine, "load", ServeOptions(max_batch=max_batch))) as url:
         yield url
 
 
 def post(url: str, **body: Any) -> dict[str, Any]:
-    response = httpx.post(f"{url}/v1/completions", json={"prompt": "The meaning of life is", **body}, timeout=120)
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "The meaning of life is", **body},
+                          timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, every parallel op of two threads waits at a barrier for a
-    core that another process may hold, which swamps what is measured here (batching) with scheduling noise."""
+    """One intra-op thread: on a shared 2-core machine, every parallel op of two threads waits at a barrier
+    for a core that another process may hold, which swamps what is measured here (batching) with scheduling
+    noise."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -54,7 +58,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.mark.parametrize("batch_invariant", [True, False])
 def test_eight_concurrent_requests_beat_eight_sequential_ones(batch_invariant, one_thread):
-    """A model whose forward, not the HTTP or the sampling, dominates a step: 8 layers, 384 wide, GPT-2's vocabulary."""
+    """A model whose forward, not the HTTP or the sampling, dominates a step: 8 layers, 384 wide, GPT-2's
+    vocabulary."""
     config = GPTConfig(n_layer=8, n_head=6, n_embd=384, block_size=128, vocab_size=50257)
     body = {"max_tokens": 32, "temperature": 1.0}
     with server(config, max_batch=8, batch_invariant=batch_invariant) as url:
@@ -84,7 +89,8 @@ def rss_bytes() -> int:
 
 def test_memory_stays_flat_over_a_soak_of_300_requests(one_thread):
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
-    requests = itertools.cycle([{"max_tokens": 8}, {"max_tokens": 6, "stream": True}, {"max_tokens": 4, "n": 3},
+    requests = itertools.cycle([{"max_tokens": 8}, {"max_tokens": 6, "stream": True},
+                                {"max_tokens": 4, "n": 3},
                                 {"prompt": ["a", "b"], "max_tokens": 5, "stop": "e"}])
     deadline = time.monotonic() + 120
     with server(config, max_batch=8) as url, httpx.Client(base_url=url, timeout=60) as client:

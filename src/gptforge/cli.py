@@ -149,7 +149,8 @@ def _eval(argv: list[str]) -> None:
 def _export(argv: list[str]) -> None:
     from gptforge.export import ExportOptions, export
 
-    head = "usage: gptforge export --out_dir=RUN --format=hf|safetensors|onnx|gguf --to=DIR [--which=best|latest]"
+    head = ("usage: gptforge export --out_dir=RUN --format=hf|safetensors|onnx|gguf --to=DIR "
+            "[--which=best|latest]")
     if parsed := _parse(argv, head, ExportOptions()):
         opts = parsed[1]
         print(f"exported {opts.out_dir} ({opts.which}) as {opts.format} to {export(opts)}")
