@@ -197,7 +197,7 @@ def test_commands_in_the_loop(runs, reference):
     repl(chat, read=end_of_input, out=io.StringIO())  # Ctrl-D returns
 
 
-def read_until(fd: int, text: str, seen: list[str], timeout: float = 30.0) -> str:
+def read_until(fd: int, text: str, seen: list[str], timeout: float = 120.0) -> str:
     """What the terminal shows, escape sequences and carriage returns left out, up to and including the next
     `text`; fails after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -248,7 +248,7 @@ def test_a_session_in_a_terminal(runs, reference):
         os.write(fd, b"\x03")
         read_until(fd, "\n" + PROMPT, seen)
         os.write(fd, b"/quit\r")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
             assert time.monotonic() < deadline, "the chat did not quit"
             if select.select([fd], [], [], 0.1)[0]:
