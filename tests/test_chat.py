@@ -221,6 +221,8 @@ def test_a_session_in_a_terminal(runs, reference):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat, its terminal the pseudo-terminal
         try:
+            # as a shell starts it: a runner without a terminal may have left Ctrl-C ignored, which exec keeps
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, command, {**os.environ, "TERM": "dumb"})
         finally:
             os._exit(127)  # never run the rest of the tests in the child
