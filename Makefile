@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export GPTFORGE_DATA_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install test lint demo clean chromium
+.PHONY: install test lint demo chat-demo clean chromium
 
 install: $(VENV)/.installed $(VENV)/.llama
 
@@ -52,6 +52,34 @@ demo: install
 	$(BIN)/gptforge prepare shakespeare_char
 	$(BIN)/gptforge train configs/quickstart_cpu.toml
 	$(BIN)/gptforge sample --out_dir=out-shakespeare-char --num_samples=2 --max_new_tokens=300
+
+# SFT learns, on the CPU (docs/chat.md, "A demo that shows it learns"): checkable word tasks whose held-out
+# words training never sees, scored by greedy exact match before finetuning (the base with the chat template:
+# one step at a learning rate of 1e-9), after full SFT and after LoRA SFT. The base is `make demo`'s run.
+CHAT_BASE ?= out-shakespeare-char
+CHAT_OUT ?= out-chat-demo
+CHAT_SEED ?= 0
+CHAT_SFT = --init_from=$(CHAT_BASE) --data=$(CHAT_OUT)/tasks/train.jsonl --block_size=36 --batch_size=32 \
+	--max_iters=600 --lr_decay_iters=600 --warmup_iters=20 --eval_interval=300 --eval_iters=5 --log_interval=100
+CHAT_EVAL = --task=chat --data=$(CHAT_OUT)/tasks/val.jsonl --which=latest --progress=False
+
+out-shakespeare-char/ckpt.pt:
+	$(MAKE) demo
+
+chat-demo: $(VENV)/.installed $(CHAT_BASE)/ckpt.pt
+	rm -rf "$(CHAT_OUT)"
+	$(BIN)/python examples/chat_tasks.py --out=$(CHAT_OUT)/tasks --n_train=4000 --n_val=300 --seed=$(CHAT_SEED) \
+		--run=$(CHAT_BASE)
+	$(BIN)/gptforge sft $(CHAT_SFT) --out_dir=$(CHAT_OUT)/before --max_iters=1 --learning_rate=1e-9 --min_lr=0 \
+		--warmup_iters=0
+	$(BIN)/gptforge sft $(CHAT_SFT) --out_dir=$(CHAT_OUT)/full --learning_rate=2e-3 --min_lr=2e-4
+	$(BIN)/gptforge sft $(CHAT_SFT) --out_dir=$(CHAT_OUT)/lora --learning_rate=3e-3 --min_lr=3e-4 \
+		--lora_rank=16 --lora_alpha=32 --lora_targets=c_attn,c_proj,c_fc
+	$(BIN)/gptforge eval $(CHAT_EVAL) --out_dir=$(CHAT_OUT)/before
+	$(BIN)/gptforge eval $(CHAT_EVAL) --out_dir=$(CHAT_OUT)/full
+	$(BIN)/gptforge eval $(CHAT_EVAL) --out_dir=$(CHAT_OUT)/lora
+	$(BIN)/python examples/chat_tasks.py --table=$(CHAT_OUT)/before,$(CHAT_OUT)/full,$(CHAT_OUT)/lora \
+		--data=$(CHAT_OUT)/tasks/val.jsonl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache
