@@ -246,3 +246,16 @@ def test_a_bpe_base_finetunes_and_its_run_needs_no_dataset_directory(tmp_path):
     run = load_run(tmp_path / "run")
     ids, _ = run.chat_template.render(run.tokenizer, reverse_tasks(["king"], 1)[0]["messages"])
     assert run.tokenizer.decode(ids) == "<|user|>reverse king<|end|><|assistant|>gnik<|end|>"
+
+
+def test_a_lora_run_reads_back_at_the_context_it_trained(base, tasks, tmp_path):
+    run = tmp_path / "run"
+    assert sft(base, tasks, run, "--max_iters=2", "--lora_rank=2", "--block_size=24") == 0
+    assert load_run(run).model.config.block_size == 24 == load_checkpoint(run)["config"]["block_size"]
+
+
+@pytest.mark.parametrize("args", [["--learning_rate=0"], ["--min_lr=-1"]])
+def test_a_learning_rate_of_zero_is_a_one_line_error(base, tasks, tmp_path, capsys, args):
+    assert sft(base, tasks, tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--learning_rate must be positive" in err

@@ -121,6 +121,10 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
             if getattr(self, name) < 0:
                 raise GptforgeError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or self.min_lr < 0:
+            raise GptforgeError(f"--learning_rate must be positive and --min_lr >= 0, got "
+                                f"{self.learning_rate} and {self.min_lr} "
+                                "(the schedule is a fraction of the peak)")
         check_dtype(self.dtype)
         if self.backend not in ("auto", "nccl", "gloo"):
             raise GptforgeError(f"--backend={self.backend!r} is not one of auto, nccl, gloo")

@@ -65,6 +65,9 @@ def adapted_model(ckpt: dict[str, Any], mirror: Path | None = None) -> GPT:
                             "changed); restore that base, or finetune anew")
     if sft.get("grown_rows") is not None:
         base.resize_vocab(base.config.vocab_size + len(sft["grown_rows"]), rows=sft["grown_rows"])
+    block_size = (ckpt.get("config") or {}).get("block_size", base.config.block_size)
+    if block_size < base.config.block_size:  # the context the adapters were trained at, as full SFT keeps it
+        base.crop_block_size(block_size)
     lora = ckpt["lora"]
     apply_lora(base, lora["rank"], lora["alpha"], lora["targets"], lora["dropout"])
     load_lora_state_dict(base, {k: v for k, v in ckpt["model"].items() if ".lora_" in k})
