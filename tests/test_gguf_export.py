@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_run import SONNET, tiny_run
+from tiny_run import SONNET, jittered, tiny_run
 
 from gptforge import GPT, GPTConfig
 from gptforge.chat_template import JINJA, MARKERS, ChatTemplate, ChatTokenizer
@@ -42,22 +42,6 @@ F16_AGREE, Q8_0_AGREE = 0.95, 0.9
 # below the float16 table's own rounding [1.9e-3, as tanh]
 EXACT_GELU_ATOL = F32_ATOL
 GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for the KV cache
-
-
-def jittered(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model with weights spread wide enough (and norms and biases off their init) that logits differ
-    clearly from token to token, like a trained model's: greedy choices are not near-ties."""
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.05)
-            else:
-                p.normal_(0.0, 0.08)
-    return model
 
 
 def gpt2_config(**overrides) -> GPTConfig:

@@ -1,8 +1,12 @@
 """A tiny trained run for the tests of what reads runs (sample, export, plot, bench): a char dataset made
-from a sonnet, and 20 steps of a 2-layer model on the CPU, about a second."""
+from a sonnet, and 20 steps of a 2-layer model on the CPU, about a second; and untrained models whose logits
+differ clearly from token to token, for the exports' comparisons."""
 
 from pathlib import Path
 
+import torch
+
+from gptforge import GPT, GPTConfig
 from gptforge.config import TrainConfig
 from gptforge.data.prepare import TextOptions, get_dataset
 from gptforge.train import train
@@ -47,3 +51,19 @@ def tiny_run(root: Path) -> Path:
         eval_iters=5, compile=False, warmup_iters=2, lr_decay_iters=20, device="cpu", dtype="float32",
     ))
     return out_dir
+
+
+def jittered(config: GPTConfig, seed: int = 0) -> GPT:
+    """A model with weights spread wide enough (and norms and biases off their init) that logits differ
+    clearly from token to token, like a trained model's: greedy choices are not near-ties."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 0.08)
+    return model

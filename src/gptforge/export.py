@@ -8,6 +8,7 @@
 
 Both also write `gptforge_tokenizer.json` (and a trained BPE's `tokenizer.json`), so that `gptforge sample
 --init_from=DIR` decodes an exported char or BPE model with its own vocabulary instead of GPT-2's.
+`onnx`, `gguf` and `nanogpt` are written by onnx_export.py, gguf_export.py and nanogpt_export.py.
 This module reads a run (runs.py) and writes files; how a format maps the model is its own or hf.py's.
 """
 
@@ -29,6 +30,7 @@ from gptforge.gguf_export import GgufType, write_gguf
 from gptforge.hf import save_hf_gpt2, save_hf_tokenizer
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT, GPTConfig
+from gptforge.nanogpt_export import write_nanogpt
 from gptforge.onnx_export import write_onnx
 from gptforge.runs import Run, load_run
 from gptforge.tokenizer import BPETokenizer, Tokenizer, from_spec
@@ -47,11 +49,12 @@ class ExportOptions:
     out_dir: str = field(
         default="out", metadata={"help": "the run directory (or a checkpoint file) to export"}
     )
-    format: Literal["hf", "safetensors", "onnx", "gguf"] = field(
+    format: Literal["hf", "safetensors", "onnx", "gguf", "nanogpt"] = field(
         default="hf",
         metadata={"help": "hf: a transformers GPT-2 directory; safetensors: gptforge's state dict; "
                           "onnx: a decoder graph with past/present keys and values for onnxruntime; "
-                          "gguf: one llama.cpp file (--to=FILE.gguf)"},
+                          "gguf: one llama.cpp file (--to=FILE.gguf); "
+                          "nanogpt: a ckpt.pt (and a char run's meta.pkl) for nanoGPT's sample.py"},
     )
     to: str = field(default="", metadata={"help": "output directory (required; a file for gguf)"})
     gguf_type: GgufType = field(
@@ -99,6 +102,7 @@ WRITERS: dict[str, Callable[[Run, Path], None]] = {
     "safetensors": write_safetensors,
     "onnx": write_onnx,
     "gguf": write_gguf,
+    "nanogpt": write_nanogpt,
 }
 
 

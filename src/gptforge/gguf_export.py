@@ -132,9 +132,7 @@ def import_gguf() -> Any:
 
 def check_expressible(cfg: GPTConfig, gguf_type: str) -> None:
     """Refuse, in one line naming them, the options llama.cpp's gpt2 has no way to run."""
-    gpt2 = GPTConfig()
-    options = [f"{name}={getattr(cfg, name)!r}" for name in CANNOT_EXPRESS
-               if getattr(cfg, name) != getattr(gpt2, name)]
+    options = cfg.off_gpt2(CANNOT_EXPRESS)
     if options:
         raise GptforgeError(
             f"--format=gguf writes llama.cpp's gpt2 architecture, which cannot express {', '.join(options)}; "

@@ -173,9 +173,7 @@ def save_hf_gpt2(
     if not isinstance(model, GPT):
         raise GptforgeError(f"to_hf exports gptforge GPT models, not {type(model).__name__}")
     cfg = model.config
-    gpt2 = GPTConfig()
-    options = [f"{name}={getattr(cfg, name)!r}" for name in ARCHITECTURE_OPTIONS
-               if getattr(cfg, name) != getattr(gpt2, name)]
+    options = cfg.off_gpt2(ARCHITECTURE_OPTIONS)
     if options:
         raise GptforgeError(
             f"to_hf writes GPT-2 (GPT2LMHeadModel), and this model is not GPT-2: {', '.join(options)}; "

@@ -18,6 +18,7 @@ in `checkpoint.py`; the methods here that reach them are thin doors, and this mo
 
 import inspect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -96,6 +97,13 @@ class GPTConfig:
         """Build a config from a dict that may carry keys of other versions; unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in args.items() if k in names})
+
+    def off_gpt2(self, names: Iterable[str]) -> list[str]:
+        """`name=value` for each of `names` set off GPT-2's value (its default): what a format that holds only
+        GPT-2's architecture must refuse."""
+        gpt2 = GPTConfig()
+        return [f"{name}={getattr(self, name)!r}" for name in names
+                if getattr(self, name) != getattr(gpt2, name)]
 
 
 def choices() -> dict[str, tuple[str, ...]]:
