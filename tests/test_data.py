@@ -297,6 +297,7 @@ def test_batch_split_errors(dataset_dir):
             Batches(train, block_size=16, batch_size=6, rank=2, world_size=2)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_come_through_pinned_memory(dataset_dir):
     with TokenDataset(dataset_dir) as train:

@@ -25,6 +25,7 @@ from gptforge.data.corpus import Chunk, SplitText
 from gptforge.data.prepare import PrepareOptions, register, write_dataset
 from gptforge.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
 
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -101,7 +102,7 @@ def test_shakespeare_char_is_byte_identical_to_nanogpt(tmp_path):
     assert meta.tokens == {"train": 1_003_854, "val": 111_540}
     assert meta.vocab_size == 65 and meta.dtype == "uint16" and meta.eot_token is None
     assert meta.tokenizer == {"kind": "char", "chars": SHAKESPEARE_CHARS}
-    assert meta.source["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert meta.source["inputs"][0]["sha256"] == TINY_SHAKESPEARE_SHA256
     assert not (out / "input.txt").exists()  # read from the mirror, not copied out of it
 
 
@@ -180,7 +181,7 @@ def test_documents_split_by_document_in_input_order(tmp_path, documents, gpt2):
         positions = [docs.index(d) for d in part]
         assert positions == sorted(positions)
     meta = Meta.read(out)
-    assert meta.source["files"] == 4 and meta.source["documents"] == 8
+    assert len(meta.source["inputs"]) == 4 and meta.source["documents"] == 8
     assert prepare("text", *args, "--name=again") == 0
     assert bins(tmp_path / "again") == bins(out)  # deterministic
     assert prepare("text", *args, "--name=reseeded", "--seed=1") == 0
@@ -341,22 +342,26 @@ def test_a_new_dataset_is_one_registered_function(tmp_path, capsys, monkeypatch)
 def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
     """Only a few pieces are ever read ahead of what is written, however long the corpus."""
     monkeypatch.setattr(data_prepare, "CHUNK_BYTES", 4096)  # pieces are batched by this many characters
+    monkeypatch.setattr(data_prepare, "POOL_MIN_BYTES", 0)  # and encoded on worker processes
     out, piece = tmp_path / "out", "ab " * 341 + "\n"  # 1,024 characters
     lag = []
 
     class Endless:
-        def pieces(self, desc: str = "tokenize"):
+        def pieces(self):
             for i in range(2000):
-                # one token per character, written as uint16 to the hidden temporaries of train.bin and
-                # val.bin
-                written = sum(p.stat().st_size for p in out.glob(".*.bin.tmp-*")) // 2
+                # one token per character, written as uint16 to the shards and the partial one
+                written = sum(p.stat().st_size for p in out.glob("*.bin*")) // 2
                 lag.append(i * len(piece) - written)
-                yield Chunk("val" if i % 10 == 9 else "train", piece, False)
+                yield Chunk("val" if i >= 1800 else "train", piece, False)
+
+        def size(self) -> int:
+            return 2000 * len(piece)
 
         def source(self) -> dict:
             return {}
 
-    meta = write_dataset(out, Endless(), CharTokenizer(" \nab"), PrepareOptions(num_proc=2))
+    opts = PrepareOptions(num_proc=2, shard_tokens=100_000)
+    meta = write_dataset(out, Endless(), CharTokenizer(" \nab"), opts)
     assert sum(meta.tokens.values()) == 2000 * len(piece)
     assert max(lag) <= 16 * 4096  # a few batches in flight, out of 2 MB of text
 

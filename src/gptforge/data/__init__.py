@@ -4,14 +4,16 @@
 - `prepare.py`: `gptforge prepare`: the dataset registry and recipes, and the writer that tokenizes a corpus
   into token files.
 - `files.py`: the token-file format (`train.bin`, `val.bin`, `meta.json`) and one split, memory-mapped.
-- `batches.py`: the deterministic, resumable batches training draws from a split.
+- `batches.py`: the deterministic, resumable batches training draws from a split (or a weighted mixture of
+  splits).
+- `mixture.py`: `--data_mix`, several datasets of one tokenizer mixed by weight.
 - `eval_sets.py`: the evaluation sets' files (HellaSwag, LAMBADA, WikiText-2), apart from the token files.
 
 Data flows one way, corpus → prepare → files → batches, and no module reaches back up it: prepare.py uses
-corpus.py and files.py (the format it writes), batches.py uses files.py, and corpus.py, files.py and
-eval_sets.py use no other module of the package. This file re-exports what readers of prepared data need
-(files and batches) and imports neither corpus.py nor prepare.py, so reading prepared data never loads the
-writing side.
+corpus.py and files.py (the format it writes), batches.py uses files.py, mixture.py both, and corpus.py,
+files.py and eval_sets.py use no other module of the package. This file re-exports what readers of prepared
+data need (files and batches) and imports neither corpus.py nor prepare.py, so reading prepared data never
+loads the writing side.
 """
 
 from gptforge.data.batches import Batches, BatchSampler, TokenData, shuffle_index

@@ -1,10 +1,13 @@
-"""Where the text comes from: a corpus yields all its text in output order, in chunks tagged with their split.
+"""Where the text comes from: a corpus yields all its text in output order, in chunks tagged with their split,
+one split after the other (all of train, then all of val).
 
 A corpus is one text file cut by characters (nanoGPT's split), many documents (.txt files, .jsonl records)
-with a seeded share held out for val, or the splits of a Hugging Face dataset. Text is streamed in ~1 MB
-pieces, decoded strictly (or with --errors=replace) and cut only where the tokens cannot change, so memory
-stays constant however large the corpus. This module knows text and files, not tokens: it imports nothing of
-the data package, and prepare.py is what turns its chunks into token files.
+with a seeded share held out for val, or the splits of a Hugging Face dataset (the hub, a saved dataset, or
+local .parquet/.jsonl/.txt files). Text is streamed in ~1 MB pieces, decoded strictly (or with
+--errors=replace) and cut only where the tokens cannot change, so memory stays constant however large the
+corpus. A corpus also describes its input (each file's sha256, or the hub dataset's revision and fingerprint),
+which is how a re-run tells the same input from a changed one. This module knows text and files, not tokens:
+it imports nothing of the data package, and prepare.py is what turns its chunks into token files.
 """
 
 import codecs
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from gptforge.errors import GptforgeError
 from gptforge.mirror import HOW_TO_MIRROR, file_sha256
@@ -37,18 +39,40 @@ class Chunk:
 
 
 class Corpus(Protocol):
-    def pieces(self, desc: str = "tokenize") -> Iterator[Chunk]:
-        """All the text in output order, with a progress bar labelled `desc`."""
+    def pieces(self) -> Iterator[Chunk]:
+        """All the text in output order, one split after the other."""
+        ...
+
+    def size(self) -> int:
+        """About how many bytes of UTF-8 text `pieces` yields (what progress is measured against)."""
         ...
 
     def source(self) -> dict[str, Any]:
-        """What meta.json records about the origin of the text."""
+        """What meta.json records about the origin of the text: the same for the same input, wherever it
+        is."""
         ...
 
 
-def corpus_text(corpus: Corpus, split: str | None = None, desc: str = "read") -> Iterator[str]:
+def corpus_text(corpus: Corpus, split: str | None = None) -> Iterator[str]:
     """The text of `split` (default: all of it) in pieces: what a char or bpe vocabulary is learned from."""
-    return (c.text for c in corpus.pieces(desc) if split in (None, c.split))
+    return (c.text for c in corpus.pieces() if split in (None, c.split))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """An input file as meta.json records it: path, size and sha256."""
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def scan_utf8(path: Path) -> tuple[dict[str, Any], int]:
+    """`file_record(path)` and the number of characters of the file read as UTF-8, in one pass over its bytes:
+    each character has one byte that is not a continuation byte (0b10xxxxxx). Exact for valid UTF-8; invalid
+    UTF-8 is found when the text is decoded."""
+    digest, chars = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+            chars += len(block) - int(np.count_nonzero((np.frombuffer(block, np.uint8) & 0xC0) == 0x80))
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}, chars
 
 
 class SplitText:
@@ -59,34 +83,33 @@ class SplitText:
 
     def __init__(self, path: Path, val_fraction: float, errors: str = "strict", url: str | None = None):
         self.path, self.errors, self.url = path, errors, url
-        # A first pass counts the characters (nanoGPT splits at a character index) and finds decoding errors.
-        self.n_chars = sum(len(text) for text in read_text(path, errors))
+        # A first pass hashes the file and counts its characters: nanoGPT splits at a character index.
+        record, self.n_chars = scan_utf8(path)
+        if errors != "strict":  # replaced bytes are characters too
+            self.n_chars = sum(len(text) for text in read_text(path, errors))
         self.n_train = int(self.n_chars * (1 - val_fraction))
         if self.n_chars == 0:
             raise GptforgeError(f"{path} is empty; give it some text")
         if not 0 < self.n_train < self.n_chars:
             raise GptforgeError(f"{path} has {self.n_chars} characters, too few to split with --val_fraction")
+        self.inputs = [record]
 
-    def pieces(self, desc: str = "tokenize") -> Iterator[Chunk]:
+    def pieces(self) -> Iterator[Chunk]:
         start = 0
-        with tqdm(total=self.n_chars, unit="char", unit_scale=True, desc=desc) as bar:
-            for text in read_text(self.path, self.errors):
-                cut = min(max(self.n_train - start, 0), len(text))
-                if cut > 0:
-                    yield Chunk("train", text[:cut], False)
-                if cut < len(text):
-                    yield Chunk("val", text[cut:], False)
-                start += len(text)
-                bar.update(len(text))
+        for text in read_text(self.path, self.errors):
+            cut = min(max(self.n_train - start, 0), len(text))
+            if cut > 0:
+                yield Chunk("train", text[:cut], False)
+            if cut < len(text):
+                yield Chunk("val", text[cut:], False)
+            start += len(text)
+
+    def size(self) -> int:
+        return self.path.stat().st_size
 
     def source(self) -> dict[str, Any]:
         origin = {"url": self.url} if self.url else {}
-        return {
-            **origin,
-            "path": str(self.path),
-            "sha256": file_sha256(self.path),
-            "characters": self.n_chars,
-        }
+        return {**origin, "inputs": self.inputs, "characters": self.n_chars}
 
 
 class Documents:
@@ -106,6 +129,7 @@ class Documents:
         n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
         self.is_val = np.zeros(n_docs, dtype=bool)
         self.is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+        self.inputs = [file_record(f) for f in files]
 
     def _documents(self) -> Iterator[Iterator[str]]:
         for path in self.files:
@@ -115,40 +139,40 @@ class Documents:
             else:
                 yield read_text(path, self.errors)
 
-    def pieces(self, desc: str = "tokenize") -> Iterator[Chunk]:
-        with tqdm(total=len(self.is_val), unit="doc", desc=desc) as bar:
+    def pieces(self) -> Iterator[Chunk]:
+        for split, wanted in (("train", False), ("val", True)):
+            # A .txt document of the other split is skipped unread: its reader is never started.
             for is_val, texts in zip(self.is_val, self._documents(), strict=True):
-                split = "val" if is_val else "train"
+                if is_val != wanted:
+                    continue
                 previous = ""
                 for i, text in enumerate(texts):
                     if i:
                         yield Chunk(split, previous, False)
                     previous = text
                 yield Chunk(split, previous, True)
-                bar.update(1)
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
 
     def source(self) -> dict[str, Any]:
-        return {
-            "input": self.spec,
-            "files": len(self.files),
-            "documents": len(self.is_val),
-            "sha256": files_sha256(self.files),
-        }
+        return {"input": self.spec, "inputs": self.inputs, "documents": len(self.is_val)}
 
 
 class HFDocuments:
-    """Documents of Hugging Face datasets, one per split."""
+    """Documents of Hugging Face datasets, one per split; `size` is the bytes of their text column."""
 
-    def __init__(self, splits: dict[str, Any], text_field: str, source: dict[str, Any]):
-        self.splits, self.text_field, self._source = splits, text_field, source
+    def __init__(self, splits: dict[str, Any], text_field: str, source: dict[str, Any], size: int):
+        self.splits, self.text_field, self._source, self._size = splits, text_field, source, size
 
-    def pieces(self, desc: str = "tokenize") -> Iterator[Chunk]:
-        with tqdm(total=sum(len(d) for d in self.splits.values()), unit="doc", desc=desc) as bar:
-            for split, documents in self.splits.items():
-                for batch in documents.select_columns([self.text_field]).iter(batch_size=1000):
-                    for text in batch[self.text_field]:
-                        yield Chunk(split, text, True)
-                    bar.update(len(batch[self.text_field]))
+    def pieces(self) -> Iterator[Chunk]:
+        for split, documents in self.splits.items():
+            for batch in documents.select_columns([self.text_field]).iter(batch_size=1000):
+                for text in batch[self.text_field]:
+                    yield Chunk(split, text, True)
+
+    def size(self) -> int:
+        return self._size
 
     def source(self) -> dict[str, Any]:
         return {**self._source, "documents": {split: len(d) for split, d in self.splits.items()}}
@@ -157,37 +181,67 @@ class HFDocuments:
 _HF_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset of the Hugging Face hub: its id, subset and revision, and the mirror folder that stands in
+    for it."""
+
+    id: str
+    revision: str
+    name: str | None = None
+    mirror_path: str = ""
+
+
 def load_hf_dataset(
-    source: str, revision: str, cache_dir: str | None, num_proc: int
+    source: str, hub: HubDataset, cache_dir: str | None, num_proc: int
 ) -> tuple[Any, dict[str, Any]]:
-    """The single split of `source` (hub id, save_to_disk directory or data files) and its description: what
-    `prepare openwebtext` reads."""
+    """The single split of `source` (a hub id, read at `hub`'s subset and revision; a save_to_disk directory;
+    data files, a directory of them or a glob) and its description: what `prepare openwebtext` and `prepare
+    fineweb` read."""
     try:
         import datasets
     except ImportError:
         raise GptforgeError(
-            "prepare openwebtext needs Hugging Face datasets: pip install 'gptforge[data]'"
+            f"{hub.id} is read with Hugging Face datasets: pip install 'gptforge[data]'"
         ) from None
-    path = Path(source)
+    path = Path(source).expanduser()
     workers = num_proc if num_proc > 1 else None
-    if not path.exists():
+    is_glob = any(c in source for c in "*?[")
+    if not is_glob and not path.exists():
         try:
-            hub = datasets.load_dataset(
-                source, revision=revision, split="train", cache_dir=cache_dir, num_proc=workers
+            documents = datasets.load_dataset(
+                source, hub.name, revision=hub.revision, split="train", cache_dir=cache_dir, num_proc=workers
             )
         except Exception as e:  # the hub client raises many unrelated types when offline or refused
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            subset = f" {hub.name}" if hub.name else ""
             raise GptforgeError(
-                f"cannot load {source} (revision {revision}) from the Hugging Face hub: {reason}; offline? "
-                f"pass --source=PATH (a save_to_disk directory or .parquet/.jsonl/.txt files), "
-                f"or {HOW_TO_MIRROR} with openwebtext/ inside it"
+                f"cannot load {source}{subset} (revision {hub.revision}) from the Hugging Face hub: "
+                f"{reason}; offline? pass --source=PATH (a save_to_disk directory or .parquet/.jsonl/.txt "
+                f"files), or {HOW_TO_MIRROR} with {hub.mirror_path}/ inside it"
             ) from e
-        return hub, {"hub": source, "revision": revision}
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        # The fingerprint is the hash `datasets` keeps of the files it loaded: a changed upstream changes it.
+        origin = {
+            "hub": source,
+            "name": hub.name,
+            "revision": hub.revision,
+            "fingerprint": documents._fingerprint,
+        }
+        return documents, origin
+    if is_glob:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         saved = datasets.load_from_disk(str(path))
-        return (saved["train"] if isinstance(saved, datasets.DatasetDict) else saved), {"path": source}
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _HF_BUILDERS)
+        inputs = [file_record(p) for p in sorted(path.rglob("*")) if p.is_file()]
+        return (saved["train"] if isinstance(saved, datasets.DatasetDict) else saved), {
+            "path": source,
+            "inputs": inputs,
+        }
+    else:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _HF_BUILDERS)
     builders = {_HF_BUILDERS.get(p.suffix) for p in files}
+    if not files:
+        raise GptforgeError(f"--source={source} matches no .parquet, .jsonl/.json or .txt files")
     if len(builders) != 1 or None in builders:
         raise GptforgeError(f"--source={source} must hold files of one kind: .parquet, .jsonl/.json or .txt")
     builder = builders.pop()
@@ -201,13 +255,7 @@ def load_hf_dataset(
         num_proc=workers,
         **kwargs,
     )
-    return documents, {"path": source, "files": len(files), "sha256": files_sha256(files)}
-
-
-def files_sha256(files: list[Path]) -> str:
-    """One digest of many files: the sha256 of their `sha256sum` listing."""
-    listing = "".join(f"{file_sha256(f)}  {f}\n" for f in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return documents, {"path": source, "inputs": [file_record(p) for p in files]}
 
 
 # ------------------------------------------------------------------------------------------------------------
