@@ -1,14 +1,23 @@
-"""`gptforge serve` under load: aggregate tokens/s and time to first token at several concurrencies.
+"""`gptforge serve` under load: aggregate tokens/s and time to first token at several concurrencies, and
+what one decode step costs at each size.
 
     python benchmarks/serve.py [--concurrency=1,4,16] [--rounds=3] [--max_tokens=64] [--threads=N]
-                               [--modes=invariant,fast]
+                               [--modes=invariant,fast] [--repeats=3] [--steps]
 
 A GPT-2 124M-shaped model with random weights (12 layers, 12 heads, 768 wide, 50257 tokens, 1024 positions) is
-saved as a Hugging Face directory and served by the real command in a subprocess on 127.0.0.1, once per
-batching mode: `invariant` (the default, every step computes all 16 slots) and `fast`
-(--batch_invariant=False, only the busy ones). At each concurrency C, C streaming clients each send `rounds`
+saved as a Hugging Face directory and served by the real command in a subprocess on 127.0.0.1, one server per
+batching mode, all started at once: `invariant` (the default: a step computes the busy slots padded to the
+smallest step size that holds them, sizes at which every row rounds as in a step of all 16) and `fast`
+(--batch_invariant=False, only the busy slots). At each concurrency C, C streaming clients each send `rounds`
 requests one after another (seeded, temperature 1, `max_tokens` each); tokens/s counts every completion token
 over the level's wall time, and the time to first token runs from sending a request to its first text chunk.
+The levels and modes are interleaved `repeats` times (the modes in turn first), so that a busy machine slows
+all alike: the tables give medians, and each mode's tokens/s against `fast`'s at the same concurrency is the
+median of the ratios of one repeat.
+
+`--steps` first times one decode step of the same model in this process at 1, 2, 4, 8 and 16 rows
+(interleaved, the median of 20), and says at which sizes every row rounds bit for bit as at 16
+(`serve.engine.invariant_step_sizes`): what a lone request costs under each way of batching.
 """
 
 import argparse
@@ -28,11 +37,15 @@ import numpy as np
 import torch
 
 from gptforge import GPT, GPTConfig
+from gptforge.kv_cache import SlotKVCache
+from gptforge.serve.engine import invariant_step_sizes
 
 PROMPT = (
     "The meaning of life is a question that philosophers and scientists have argued about for centuries, and"
 )
 MODES = {"invariant": [], "fast": ["--batch_invariant=False"]}
+SLOTS = 16  # the server's default --max_batch
+STEP_SIZES = (1, 2, 4, 8, 16)
 
 
 async def one_client(url: str, seed: int, rounds: int, max_tokens: int) -> list[tuple[float, int]]:
@@ -95,6 +108,35 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+@torch.inference_mode()
+def step_costs(model: GPT, repeats: int = 20) -> None:
+    """The median time of one decode step at each of STEP_SIZES rows (18 cached positions per slot), and
+    whether its rows round as at SLOTS."""
+    cache = SlotKVCache(model.config, SLOTS, torch.float32)
+    invariant = invariant_step_sizes(model, cache)
+    model(torch.randint(0, model.config.vocab_size, (1, 18)), kv_cache=cache.slot(0))
+    cache.occupy(0, 18)
+    for slot in range(1, SLOTS):
+        cache.copy(0, slot)
+    times: dict[int, list[float]] = {size: [] for size in STEP_SIZES}
+    for _ in range(repeats):
+        for size in STEP_SIZES:
+            cache.rows = list(range(size))
+            start = time.perf_counter()
+            model(torch.zeros(size, 1, dtype=torch.long), kv_cache=cache)
+            times[size].append(time.perf_counter() - start)
+            for slot in cache.rows:
+                cache.occupy(slot, 18)
+    one = float(np.median(times[1]))
+    print(f"step sizes at which every row rounds as at {SLOTS}: {invariant}\n")
+    print("| rows | ms per step | vs 1 row | rounds as at 16 rows |")
+    print("| ---: | ---: | ---: | --- |")
+    for size, values in times.items():
+        ms = float(np.median(values))
+        print(f"| {size} | {ms * 1000:.1f} | {ms / one:.2f}x | {'yes' if size in invariant else 'no'} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,16")
@@ -102,31 +144,53 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--modes", default="invariant,fast")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", action="store_true", help="first time one decode step at each size")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels, modes = [int(c) for c in args.concurrency.split(",")], args.modes.split(",")
     threads = args.threads or torch.get_num_threads()
     print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, "
-          f"{time.strftime('%Y-%m-%d')}; {args.rounds} requests per client of {args.max_tokens} tokens")
+          f"{time.strftime('%Y-%m-%d')}; {args.rounds} requests per client of {args.max_tokens} tokens, "
+          f"{args.repeats} repeats\n")
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)).to_hf(tmp)
-        print("| mode | concurrency | requests | tokens/s | vs concurrency 1 "
-              "| TTFT p50 (ms) | TTFT p95 (ms) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for mode in args.modes.split(","):
-            process, url = start_server(Path(tmp), [*MODES[mode], f"--threads={threads}"])
-            try:
+        model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)).eval()
+        model.to_hf(tmp)
+        if args.steps:
+            torch.set_num_threads(threads)
+            step_costs(model)
+        del model
+        servers = {mode: start_server(Path(tmp), [*MODES[mode], f"--threads={threads}"]) for mode in modes}
+        results: dict[tuple[str, int], list[dict[str, float]]] = {(m, c): [] for m in modes for c in levels}
+        try:
+            for _, url in servers.values():
                 asyncio.run(level(url, 1, 1, 8))  # warm up
-                base = None
+            for repeat in range(args.repeats):
                 for concurrency in levels:
-                    r = asyncio.run(level(url, concurrency, args.rounds, args.max_tokens))
-                    base = base or r["tokens_per_s"]
-                    print(f"| {mode} | {concurrency} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-                          f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} |",
-                          flush=True)
-            finally:
+                    for mode in modes[repeat % len(modes):] + modes[:repeat % len(modes)]:
+                        r = asyncio.run(level(servers[mode][1], concurrency, args.rounds, args.max_tokens))
+                        results[mode, concurrency].append(r)
+                        print(f"# repeat {repeat + 1}: {mode} at {concurrency}: "
+                              f"{r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait()
+    print("| mode | concurrency | requests | tokens/s | vs fast | vs concurrency 1 | TTFT p50 (ms) "
+          "| TTFT p95 (ms) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode in modes:
+        for concurrency in levels:
+            runs = results[mode, concurrency]
+            rate = float(np.median([r["tokens_per_s"] for r in runs]))
+            base = float(np.median([r["tokens_per_s"] for r in results[mode, levels[0]]]))
+            against = ""
+            if "fast" in modes:
+                pairs = zip(runs, results["fast", concurrency], strict=True)
+                against = f"{np.median([r['tokens_per_s'] / f['tokens_per_s'] for r, f in pairs]):.2f}x"
+            print(f"| {mode} | {concurrency} | {runs[0]['requests']} | {rate:.1f} | {against} | "
+                  f"{rate / base:.2f}x | {np.median([r['ttft_p50'] for r in runs]):.0f} | "
+                  f"{np.median([r['ttft_p95'] for r in runs]):.0f} |")
 
 
 if __name__ == "__main__":

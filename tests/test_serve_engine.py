@@ -1,6 +1,7 @@
 """Tests for continuous batching (gptforge.serve.engine) and the SlotKVCache: per-slot positions give the
-logits of a full forward, a row's logits do not depend on the other rows, seeded samples (their tokens and
-their logprobs) are the same alone or among others, logprobs and a prompt's scores against a full forward,
+logits of a full forward, a row's logits do not depend on the other rows, every step size rounds a row as a
+step of all the slots, seeded samples (their tokens and their logprobs) are the same alone or among 1 to 15
+others, through the engine and the HTTP API, logprobs and a prompt's scores against a full forward,
 logit_bias and OpenAI's penalties against a direct decode, stop strings, end-of-text and a job's own stop
 tokens, cancellation, the queue bound and failures.
 
@@ -10,13 +11,17 @@ tokens, cancellation, the queue bound and failures.
 import string
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from conftest import tiny_config
+from torch.nn import functional as F
 
 from gptforge.kv_cache import SlotKVCache
 from gptforge.model import GPT
+from gptforge.serve.app import create_app
 from gptforge.serve.engine import (
     Delta,
     Engine,
@@ -29,6 +34,7 @@ from gptforge.serve.engine import (
     TokenLogprob,
     draw,
 )
+from gptforge.serve.server import ServeOptions, serve_in_thread
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = string.printable[:95] + "éü"  # 97 characters: tiny_config's vocab_size
@@ -188,6 +194,24 @@ def test_a_rows_draw_does_not_depend_on_the_other_rows():
         assert draw(others, [crowd[0], ours, crowd[1], None])[1] == alone
 
 
+@pytest.mark.parametrize("vocab_size", [97, 50257])
+def test_the_draws_kernels_compute_each_row_as_alone(vocab_size):
+    """What a draw's and a logprob's independence of the other rows rests on: softmax, its float64 cumulative
+    sums and log-softmax give a row bit for bit alone and among 2 to 16 rows, wherever it sits."""
+    torch.manual_seed(0)
+    row = torch.randn(1, vocab_size) * 3
+
+    def kernels(logits: torch.Tensor) -> list[torch.Tensor]:
+        return [F.softmax(logits, -1).cumsum(-1, dtype=torch.float64), F.log_softmax(logits, -1)]
+
+    alone = kernels(row)
+    for size in range(2, 17):
+        logits = torch.randn(size, vocab_size) * 3
+        at = size // 3
+        logits[at] = row[0]
+        assert all(torch.equal(b[at], a[0]) for a, b in zip(alone, kernels(logits), strict=True)), size
+
+
 @pytest.mark.parametrize("sampling", [
     Sampling(1, temperature=1e-40),  # logits / temperature overflow to inf: their softmax would be NaN
     Sampling(1, temperature=5e-324),  # 0 in float32: logits / 0
@@ -261,6 +285,103 @@ def test_a_seeded_samples_logprobs_are_the_same_alone_or_among_others(engine, to
     assert again.samples() == alone.samples() and again.logprobs() == alone.logprobs()
     assert len(alone.logprobs()) == 40 and all(len(e.top) == 3 for e in alone.logprobs())
     assert not crowd[0].logprobs() and len(crowd[1].logprobs()) == crowd[1].samples()[0][2]
+
+
+def test_every_step_size_rounds_a_row_as_a_step_of_all_the_slots(model, tokenizer):
+    """Bit for bit, for a sequence unlike the one measured at start, wherever the row sits and whatever the
+    other rows hold; without batch_invariant a step has as many rows as busy slots."""
+    engine = Engine(model, tokenizer, max_batch=16)
+    assert 16 in engine.step_sizes and set(engine.step_sizes) <= {1, 2, 4, 8, 16}
+    assert Engine(model, tokenizer, max_batch=16, batch_invariant=False).step_sizes == tuple(range(1, 17))
+    torch.manual_seed(3)
+    cache = SlotKVCache(model.config, 16, torch.float32)
+    lengths = [21, *range(1, 46, 3)]  # slot 0's sequence is the one followed, the others are of other lengths
+    with torch.inference_mode():
+        for slot, length in enumerate(lengths):
+            prefill(model, cache, slot, torch.randint(0, 97, (length,)))
+
+        def step(size: int, row: int) -> torch.Tensor:
+            """Slot 0's logits from a step of `size` rows in which it is row `row`."""
+            cache.rows = list(range(1, size))
+            cache.rows.insert(row, 0)
+            idx = torch.randint(0, 97, (size, 1))
+            idx[row] = 11
+            logits = model(idx, kv_cache=cache)[0][row, -1]
+            for slot in cache.rows:
+                cache.occupy(slot, lengths[slot])  # forget the step
+            return logits
+
+        reference = step(16, 9)
+        for size in engine.step_sizes:
+            for row in {0, size // 2, size - 1}:
+                assert torch.equal(step(size, row), reference), (size, row)
+
+
+def test_where_a_full_steps_rows_differ_the_engine_says_so_and_feeds_every_slot(model, tokenizer, monkeypatch,
+                                                                               caplog):
+    monkeypatch.setattr("gptforge.serve.engine.invariant_step_sizes", lambda model, cache: ())
+    assert Engine(model, tokenizer, max_batch=6).step_sizes == (6,)
+    assert "--batch_invariant cannot keep its guarantee on this machine" in caplog.text
+
+
+PROMPTS = ["To be", "a", "Shall I compare thee", "xyz xyz", "Now is the winter of our", "q"]
+
+
+def test_a_seeded_sample_is_the_same_alone_or_beside_1_to_15_others(model, tokenizer):
+    """Tokens and logprobs bit for bit, joining while 1 to 15 others of other lengths decode and end one after
+    the other; each step has the smallest step size that holds its busy slots, and so every size is used."""
+    engine = Engine(model, tokenizer, max_batch=16, max_queue=16)
+    steps = []  # (rows, busy rows) of each decode step
+
+    def spy(_, args, kwargs):
+        if kwargs.get("kv_cache") is engine.cache:
+            steps.append((len(engine.cache.rows), sum(engine.cache.busy[s] for s in engine.cache.rows)))
+
+    hook = model.register_forward_pre_hook(spy, with_kwargs=True)
+    engine.start()
+    try:
+        mine = {"seed": 7, "max_tokens": 40, "temperature": 0.9, "logprobs": 2}
+        _, alone = submit(engine, tokenizer, "To be, or not", **mine)
+        assert alone.done.wait(30)
+        for k in range(1, 16):
+            others = [submit(engine, tokenizer, PROMPTS[i % 6] + "!" * (i % 4), seed=100 * k + i,
+                             max_tokens=3 + (7 * i + k) % 30, top_k=(None, 5)[i % 2],
+                             logprobs=(None, 1)[k % 2])[1] for i in range(k)]
+            while not any(c.pieces for c in others):
+                time.sleep(0.001)
+            _, together = submit(engine, tokenizer, "To be, or not", **mine)
+            assert together.done.wait(30) and all(c.done.wait(30) for c in others)
+            assert together.samples() == alone.samples() and together.logprobs() == alone.logprobs(), k
+    finally:
+        hook.remove()
+        engine.stop()
+    assert all(size == min(s for s in engine.step_sizes if s >= busy) for size, busy in steps)
+    assert {size for size, _ in steps} == set(engine.step_sizes)
+
+
+def test_a_seeded_completion_is_the_same_alone_or_beside_others_through_the_api(model, tokenizer):
+    """Text and logprobs (JSON numbers, so bit for bit) of a request alone, and joining 1, 4 and 15 others
+    of other lengths while they decode through the HTTP API."""
+    engine = Engine(model, tokenizer, max_batch=16, max_queue=16)
+    app = create_app(engine, "tiny", ServeOptions(max_tokens_limit=60))
+    mine = {"prompt": "To be, or not", "seed": 7, "max_tokens": 40, "temperature": 0.9, "logprobs": 2}
+
+    def complete(url: str, body: dict) -> tuple[str, dict]:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        [choice] = response.json()["choices"]
+        return choice["text"], choice["logprobs"]
+
+    with serve_in_thread(app) as url, ThreadPoolExecutor(16) as pool:
+        alone = complete(url, mine)
+        for k in (1, 4, 15):
+            others = [pool.submit(complete, url, {"prompt": PROMPTS[i % 6], "seed": i, "top_k": 5,
+                                                  "max_tokens": 5 + 11 * i % 30}) for i in range(k)]
+            while not engine.occupancy()["busy"]:
+                time.sleep(0.001)
+            assert complete(url, mine) == alone, k
+            assert all(other.result()[0] for other in others)
 
 
 def full_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:

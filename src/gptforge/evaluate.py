@@ -45,11 +45,13 @@ from gptforge.atomic import atomic_write_text, check_writable
 from gptforge.chat_template import check_message
 from gptforge.data import TokenDataset, eval_sets
 from gptforge.data.conversations import read_records, to_messages
+from gptforge.data.files import locate
 from gptforge.device import torch_dtype
 from gptforge.errors import GptforgeError
 from gptforge.kv_cache import SlotKVCache
 from gptforge.mirror import mirror_dir
 from gptforge.model import GPT
+from gptforge.quantize import quantize
 from gptforge.source import Source, SourceOptions
 from gptforge.tokenizer import Tokenizer, check_token_ids, encode_prompt
 
@@ -385,14 +387,14 @@ Finish = Callable[[list[list[Scored]]], dict[str, Any]]
 
 
 def task_val(inputs: TaskInputs) -> tuple[list[list[Request]], Finish]:
-    directory = inputs.source.dataset
-    if inputs.opts.dataset:
-        directory = Path(inputs.opts.data_dir or "data") / inputs.opts.dataset
+    directory, meta = inputs.source.dataset, None
+    if inputs.opts.dataset:  # a name under --data_dir, a path, or a glob of llm.c shards
+        directory, meta = locate(inputs.opts.data_dir or "data", inputs.opts.dataset)
     if directory is None:
         raise GptforgeError(
             "--task=val needs a prepared dataset: name it with --dataset=NAME (e.g. openwebtext)"
         )
-    with TokenDataset(directory, "val") as split:
+    with TokenDataset(directory, "val", meta) as split:  # every shard of it, in order
         tokens = np.array(split.tokens, dtype=np.int64)
     check_token_ids(int(tokens.max()), inputs.source.model.config.vocab_size, f"{directory}/val.bin")
     block = inputs.source.model.config.block_size
@@ -546,7 +548,7 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
     saved = read_results(path)  # before any work: a file that cannot take the results fails now
     inputs = TaskInputs(source, opts)
     chat = chat_examples(inputs) if "chat" in opts.tasks() else None  # a bad conversation fails now
-    scorer = Scorer(source.model, device, dtype, opts.batch_size, opts.progress)
+    scorer = Scorer(quantize(source.model, opts.quantize), device, dtype, opts.batch_size, opts.progress)
     results = {}
     for task in opts.tasks():
         if task == "chat":
@@ -557,7 +559,7 @@ def evaluate(opts: EvalOptions, out: TextIO | None = None) -> dict[str, dict[str
             metrics = finish(scorer.score(groups, task))
         results[task] = {"task": task, **metrics}
     about = {"model": source.name, "iter_num": source.iter_num, "device": device, "dtype": dtype,
-             "limit": opts.limit}
+             "quantize": opts.quantize, "limit": opts.limit}
     atomic_write_text(
         path, json.dumps({**saved, **{t: {**m, **about} for t, m in results.items()}}, indent=2) + "\n"
     )

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from gptforge.device import torch_dtype
 from gptforge.kv_cache import KVCache
 from gptforge.model import GPT
+from gptforge.quantize import quantize as quantized
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -59,12 +60,20 @@ def sample_next(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def next_token_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution (..., V), in float32, that `sample_next` draws from at a temperature > 0."""
     scaled = logits.float() / temperature
     probs = F.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
     overflow = ~overflow_free(scaled)
     if overflow.any():  # the point mass on the argmax, which is what such a temperature's softmax means
         probs[overflow] = F.one_hot(logits[overflow].argmax(dim=-1), logits.size(-1)).float()
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return probs
 
 
 def overflow_free(scaled: torch.Tensor) -> torch.Tensor:
@@ -152,8 +161,9 @@ def optimize_for_decoding(model: GPT) -> GPT:
     return model
 
 
-def decoding_model(model: GPT, device: str, dtype: str) -> GPT:
+def decoding_model(model: GPT, device: str, dtype: str, quantize: str = "none") -> GPT:
     """`model` ready to decode on `device`: in eval mode, its weights themselves in `dtype` and laid out for
-    decoding. Decoding streams every weight once per token, so the weights take the dtype (half the bytes in
-    16 bits) rather than an autocast over fp32 weights."""
-    return optimize_for_decoding(model.to(device=device, dtype=torch_dtype(dtype)).eval())
+    decoding, or `quantize`d (quantize.py). Decoding streams every weight once per token, so the weights take
+    the dtype (half the bytes in 16 bits, a quarter in int8) rather than an autocast over fp32 weights."""
+    model = quantized(model.to(device=device, dtype=torch_dtype(dtype)).eval(), quantize)
+    return optimize_for_decoding(model)

@@ -86,8 +86,8 @@ class SlotKVCache:
 
     A server decodes many requests in one forward: each holds a slot from its prefill until it finishes, and
     requests join and leave between steps. A step feeds one token to each slot of `rows`, in that order: the
-    busy slots, or every slot so that each step has the same shape (a free slot's result is then ignored),
-    which makes the matmul kernels round each row the same way whichever other rows are busy. Attention runs
+    busy slots, or the busy slots and free ones up to a number of rows at which the matmul kernels round each
+    row the same way whichever other rows are busy (a free slot's result is then ignored). Attention runs
     slot by slot over exactly that slot's keys, for the same reason (docs/serving.md, "Batching"). All memory
     is allocated here, once.
     """
@@ -131,6 +131,11 @@ class SlotKVCache:
 
     def free(self, index: int) -> None:
         self.lengths[index], self.busy[index] = 0, False
+
+    def set_aside(self, index: int, length: int) -> None:
+        """Slot `index` holds `length` positions that a `slot` view decodes on its own (speculative decoding):
+        a step that feeds it treats it as free, writing at `length`, past them, and its result is ignored."""
+        self.lengths[index], self.busy[index] = length, False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new token's keys/values (len(rows), nh, 1, hs) of `layer`, each at its slot's own

@@ -16,17 +16,19 @@ from typing import TextIO
 
 import torch
 
+from gptforge import speculative
 from gptforge.errors import GptforgeError
 from gptforge.generate import decoding_model, stream
 from gptforge.options import option
-from gptforge.source import SourceOptions
+from gptforge.source import DraftOptions
+from gptforge.speculative import DRAFT_TOKENS, Speculator
 from gptforge.tokenizer import TextStream, Tokenizer, check_token_ids, encode_prompt
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 
 
 @dataclass
-class GenerationOptions(SourceOptions):
+class GenerationOptions(DraftOptions):
     """The options of every command that draws tokens from a model (sample, chat): how many, and how."""
 
     max_new_tokens: int = option(500, "tokens generated per sample (chat: per answer)")
@@ -60,6 +62,9 @@ class SampleOptions(GenerationOptions):
         super().__post_init__()
         if self.num_samples < 1:
             raise GptforgeError(f"--num_samples={self.num_samples} must be at least 1")
+        if self.compile and self.draft is not None:
+            raise GptforgeError("--compile=True cannot be combined with --draft: speculative decoding "
+                                "feeds the model chunks of changing length; leave one out")
 
 
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
@@ -83,9 +88,14 @@ class Decoder:
         self.device, dtype = opts.placement()
         self.source = opts.load()
         self.tokenizer = self.source.tokenizer
-        model = decoding_model(self.source.model, self.device, dtype)
+        model = decoding_model(self.source.model, self.device, dtype, opts.quantize)
         self.config = model.config
         self.model: torch.nn.Module = torch.compile(model) if compile else model
+        draft = opts.load_draft(self.source)
+        self.speculator: Speculator | None = None
+        if draft is not None:
+            draft_model = decoding_model(draft.model, self.device, dtype, opts.quantize)
+            self.speculator = Speculator(model, draft_model, opts.draft_tokens or DRAFT_TOKENS)
         self.generator = self.seeded()
 
     def seeded(self) -> torch.Generator:
@@ -99,13 +109,18 @@ class Decoder:
     ) -> Iterator[int]:
         """The ids that follow `prompt`, drawn one at a time with the options' temperature, top_k and top_p
         from `self.generator`: `max_new_tokens` of them (default the options'), or up to and including the
-        first of `stop_tokens`."""
+        first of `stop_tokens`. With a draft they are drawn speculatively: from the same distribution, but
+        not the same draws as without one."""
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         opts = self.opts
         steps = opts.max_new_tokens if max_new_tokens is None else max_new_tokens
-        for token in stream(self.model, idx, steps, temperature=opts.temperature,  # type: ignore[arg-type]
-                            top_k=opts.top_k, top_p=opts.top_p, generator=self.generator,
-                            stop_tokens=stop_tokens):
+        draws = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                     generator=self.generator, stop_tokens=stop_tokens)
+        if self.speculator is not None:
+            tokens = speculative.stream(self.speculator, idx, steps, **draws)  # type: ignore[arg-type]
+        else:
+            tokens = stream(self.model, idx, steps, **draws)  # type: ignore[arg-type]
+        for token in tokens:
             yield int(token[0])
 
 
@@ -146,7 +161,8 @@ def sample(opts: SampleOptions, out: TextIO | None = None) -> list[str]:
     returns their texts."""
     out = out or sys.stdout
     texts = []
-    for pieces in Sampler(opts).samples():
+    sampler = Sampler(opts)
+    for pieces in sampler.samples():
         parts = []
         for piece in pieces:
             parts.append(piece)
@@ -157,4 +173,6 @@ def sample(opts: SampleOptions, out: TextIO | None = None) -> list[str]:
         out.write(("" if opts.stream else text) + f"\n{SEPARATOR}\n")
         out.flush()
         texts.append(text)
+    if sampler.speculator is not None:
+        print(speculative.report(sampler.speculator.acceptance), file=sys.stderr)
     return texts

@@ -7,13 +7,20 @@ forward. A slot is freed as soon as its sample ends (a stop token: end-of-text, 
 chat's end of turn; a stop string; `max_tokens`) or its job is cancelled (its client went away), and the next
 waiting job takes it before the next step.
 
-Numerics: a prefill's shape depends on its prompt only, each step has the same shape (`batch_invariant`),
-attention runs slot by slot and every sample draws from its own seeded generator, so a seeded job gives the
-same text alone or among others. A sample draws from its logits steered by OpenAI's `logit_bias` and
+Numerics: a prefill's shape depends on its prompt only; with `batch_invariant` each step has one of the
+sizes at which every row rounds as in a step of all the slots (`invariant_step_sizes`, measured at start:
+the smallest that holds the busy slots, free ones filling it up); attention, the draw and the logprobs run
+row by row, and every sample draws from its own seeded generator, so a seeded job gives the same text alone
+or among others. A sample draws from its logits steered by OpenAI's `logit_bias` and
 presence and frequency penalties (row by row, so the guarantee holds); what it reports as logprobs is the
 model's own distribution, the log-softmax of the raw logits, before any of that. The engine knows text only
 as far as samples need it: complete characters out (`TextStream`) and stop strings. It knows nothing of
 HTTP: that is app.py's, above it.
+
+With a draft model, a sample without logprobs, logit_bias or penalties decodes speculatively (speculative.py):
+at each step it runs a round of its own, batch 1 over its slot's keys and values and a draft cache slot of
+its own, after the batched forward of the others, which treats its slot as free. Its numbers depend on its own
+sequence only, so the guarantee holds for it too; a steered or logprobs sample decodes as without a draft.
 """
 
 import hashlib
@@ -28,14 +35,16 @@ from torch.nn import functional as F
 
 from gptforge import __version__
 from gptforge.generate import filter_logits, overflow_free
-from gptforge.kv_cache import SlotKVCache
+from gptforge.kv_cache import KVCache, SlotKVCache
 from gptforge.model import GPT
+from gptforge.speculative import DRAFT_TOKENS, Speculator
 from gptforge.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("gptforge.serve")
 
 
 HEAD_CHUNK = 1 << 26  # prompt logits computed at once (elements): 256 MiB in float32, whatever the vocabulary
+PROBE_TOKENS = 8  # the length of the sequence `invariant_step_sizes` decodes from
 
 
 @dataclass(frozen=True)
@@ -126,9 +135,10 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
 
     Greedy rows take the argmax; the others draw from their filtered softmax by inverse CDF, with one uniform
     number from their own generator. The softmax and the cumulative sums of all rows are computed together:
-    these kernels work row by row, so a row's numbers depend on the batch's shape only, never on the other
-    rows; a row with top-k or top-p is filtered on its own. (`sample_next`'s torch.multinomial would draw an
-    exponential per vocabulary entry and row: some 20x slower at GPT-2's 50257.)
+    these kernels work row by row along the vocabulary, so a row's numbers depend neither on the other rows
+    nor on their number (measured bit for bit from 1 to 16 rows); a row with top-k or top-p is filtered on its
+    own. (`sample_next`'s torch.multinomial would draw an exponential per vocabulary entry and row: some 20x
+    slower at GPT-2's 50257.)
 
     Total over the documented ranges, by `sample_next`'s rules: a temperature so small that the logits divided
     by it overflow (1e-40) draws the argmax, and `filter_logits` keeps the most likely token whatever top_p
@@ -157,6 +167,34 @@ def draw(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator] | Non
     return tokens
 
 
+def invariant_step_sizes(model: GPT, cache: SlotKVCache) -> tuple[int, ...]:
+    """The row counts, among 1, 2, 4, 8, ... and the cache's number of slots, at which a decode step computes
+    every row bit for bit as a step of all the slots does, wherever the row sits in it (docs/serving.md,
+    "Numerics"). Empty if the rows of a step of all the slots differ among themselves.
+
+    Which kernel computes a row, and so how it rounds, depends on the step's shape and the row's place in it,
+    not on the numbers it holds: one step of each size, every row decoding the same sequence, measures it.
+    The cache's slots must be free; they are free again after."""
+    slots = len(cache.lengths)
+    sizes = sorted({slots, *(1 << i for i in range(slots.bit_length()) if 1 << i < slots)})
+    length = min(PROBE_TOKENS, model.config.block_size - 1)
+    prompt = torch.arange(length, device=cache.k.device) % model.config.vocab_size
+    model(prompt[None], kv_cache=cache.slot(0))
+    cache.occupy(0, length)
+    for slot in range(1, slots):
+        cache.copy(0, slot)
+    steps = {}
+    for size in sizes:
+        cache.rows = list(range(size))
+        steps[size] = model(prompt[-1:].expand(size, 1), kv_cache=cache)[0][:, -1]
+        for slot in cache.rows:
+            cache.occupy(slot, length)  # forget the step
+    for slot in range(slots):
+        cache.free(slot)
+    reference = steps[slots][0]
+    return tuple(size for size in sizes if all(torch.equal(row, reference) for row in steps[size]))
+
+
 def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """`token`'s entry from one row of log-softmaxed logits (vocab,), with the `top` likeliest tokens."""
     best: tuple[tuple[int, float], ...] = ()
@@ -166,11 +204,14 @@ def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), best)
 
 
-def fingerprint(device: torch.device, dtype: torch.dtype, max_batch: int, batch_invariant: bool) -> str:
+def fingerprint(
+    device: torch.device, dtype: torch.dtype, max_batch: int, batch_invariant: bool,
+    draft: tuple[object, ...] = (),
+) -> str:
     """OpenAI's `system_fingerprint`: what, besides the model and the request, can change the numbers (the
-    versions, the device, the dtype, torch's threads, the batch's shape)."""
+    versions, the device, the dtype, torch's threads, the batch's shape, a draft model and its K)."""
     what = (__version__, torch.__version__, str(device), str(dtype), torch.get_num_threads(), max_batch,
-            batch_invariant)
+            batch_invariant, *draft)
     return "fp_" + hashlib.sha256(repr(what).encode()).hexdigest()[:12]
 
 
@@ -215,6 +256,8 @@ class _Sample:
     tokens: int = 0
     last: int = 0  # the token fed at the next step
     logprobs: list[TokenLogprob] = field(default_factory=list)  # drawn, not yet handed out
+    speculation: tuple[KVCache, KVCache] | None = None  # its target and draft caches, if it speculates
+    sequence: list[int] = field(default_factory=list)  # the prompt and the tokens drawn, if it speculates
 
     def steered(self) -> bool:
         return self.bias is not None or self.counts is not None
@@ -224,13 +267,16 @@ class Engine:
     """The model, a cache of `max_batch` slots, a queue of at most `max_queue` waiting jobs, one decode
     thread.
 
-    With `batch_invariant` every step feeds all `max_batch` slots, busy or not, so a row's numbers never
-    depend on which other rows are busy; otherwise only the busy slots, faster when few are (docs/serving.md).
+    With `batch_invariant` a step feeds the busy slots and enough free ones to make one of `step_sizes` rows,
+    the sizes at which every row rounds as in a step of all `max_batch` (measured at start), so a row's
+    numbers never depend on which other rows are busy; otherwise only the busy slots (docs/serving.md).
+    A `draft` model (the same tokenizer) makes the samples it can serve decode speculatively, proposing
+    `draft_tokens` per round.
     """
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-        batch_invariant: bool = True,
+        batch_invariant: bool = True, draft: GPT | None = None, draft_tokens: int = DRAFT_TOKENS,
     ):
         param = next(model.parameters())
         self.model, self.tokenizer, self.device = model, tokenizer, param.device
@@ -241,7 +287,21 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
-        self.fingerprint = fingerprint(param.device, param.dtype, max_batch, batch_invariant)
+        self.speculator = None if draft is None else Speculator(model, draft, draft_tokens)
+        self.draft_cache = None  # storage only: each speculating sample decodes through its slot's view
+        speculation: tuple[object, ...] = ()
+        if draft is not None:
+            self.draft_cache = SlotKVCache(draft.config, max_batch, param.dtype, param.device)
+            speculation = (repr(draft.config), draft.get_num_params(), draft_tokens)
+        self.fingerprint = fingerprint(param.device, param.dtype, max_batch, batch_invariant, speculation)
+        self.step_sizes = tuple(range(1, max_batch + 1))
+        if batch_invariant:
+            with torch.inference_mode():
+                self.step_sizes = invariant_step_sizes(model, self.cache)
+            if max_batch not in self.step_sizes:
+                log.warning("the rows of a %d-row decode step round differently with their place in it: "
+                            "--batch_invariant cannot keep its guarantee on this machine", max_batch)
+                self.step_sizes = (max_batch,)
 
     # -- the caller's side: any thread --
 
@@ -396,6 +456,12 @@ class Engine:
             counts = torch.zeros(vocab_size, device=self.device) if penalized else None
             samples.append(_Sample(job, index, slot, generator, TextStream(self.tokenizer),
                                    StopStrings(sampling.stop), stop_tokens, bias, counts))
+            if self.draft_cache is not None and self._speculates(sampling):  # the draft prefills later
+                target = self.cache.slot(slot)
+                target.pos = len(job.prompt)
+                samples[-1].speculation = (target, self.draft_cache.slot(slot))
+                samples[-1].sequence = list(job.prompt)
+                self.cache.set_aside(slot, len(job.prompt))
             self.samples[slot] = samples[-1]
             if prompt_logprobs is not None:
                 job.on_delta(Delta(index, "", prompt=prompt_logprobs))
@@ -437,24 +503,52 @@ class Engine:
                                 + (sample.counts > 0).float() * sampling.presence_penalty)
         return logits
 
+    @staticmethod
+    def _speculates(sampling: Sampling) -> bool:
+        """Whether a job's samples can decode speculatively: they report no logprobs and are not steered."""
+        steered = sampling.logit_bias or sampling.presence_penalty or sampling.frequency_penalty
+        return sampling.logprobs is None and not steered
+
     def _decode(self) -> None:
-        """One token for every busy slot, in one forward."""
-        rows = list(range(self.max_batch)) if self.batch_invariant else [
-            slot for slot, sample in enumerate(self.samples) if sample is not None
-        ]
+        """One step: a token for every busy slot that decodes plainly, in one forward, then a round for each
+        sample that speculates, one after the other."""
+        plain = [s if s is not None and s.speculation is None else None for s in self.samples]
+        speculating = [s for s in self.samples if s is not None and s.speculation is not None]
+        if any(s is not None for s in plain):
+            self._step(plain)
+        for sample in speculating:
+            self._speculate(sample)
+
+    def _speculate(self, sample: _Sample) -> None:
+        """A round of speculative decoding for `sample`: one token or more, handed out one by one."""
+        assert self.speculator is not None and sample.speculation is not None
+        sampling = sample.job.sampling
+        seq = torch.tensor([sample.sequence], device=self.device)
+        tokens = self.speculator.round(seq, sample.speculation, sampling.max_tokens - sample.tokens,
+                                       sampling.temperature, sampling.top_k, sampling.top_p, sample.generator)
+        self.cache.set_aside(sample.slot, sample.speculation[0].pos)
+        for token in tokens:
+            self._take(sample, token)
+            if self.samples[sample.slot] is not sample:  # it ended
+                return
+
+    def _step(self, by_slot: list[_Sample | None]) -> None:
+        """One token for every sample of `by_slot` (the slots in order; None: a slot to leave alone), in one
+        forward of the smallest of `step_sizes` rows that holds them, free slots filling it up."""
+        busy = [slot for slot, sample in enumerate(by_slot) if sample is not None]
+        size = next(size for size in self.step_sizes if size >= len(busy))
+        rows = busy + [slot for slot, sample in enumerate(by_slot) if sample is None][: size - len(busy)]
         self.cache.rows = rows
-        samples = [self.samples[slot] for slot in rows]
+        samples = [by_slot[slot] for slot in rows]
         last = [[sample.last if sample is not None else 0] for sample in samples]
         logits, _ = self.model(torch.tensor(last, device=self.device), kv_cache=self.cache)
         draws = [(s.job.sampling, s.generator) if s is not None else None for s in samples]
         tokens = draw(self._steered(logits[:, -1], samples), draws)
-        wanted = any(s is not None and s.job.sampling.logprobs is not None for s in samples)
-        # every row's at once: a row's numbers then depend on the step's shape only, as the draw's do
-        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1) if wanted else None
         for row, (sample, token) in enumerate(zip(samples, tokens, strict=True)):
             if sample is not None and token is not None:
-                top = sample.job.sampling.logprobs
-                entry = None if logprobs is None or top is None else token_logprob(logprobs[row], token, top)
+                top, entry = sample.job.sampling.logprobs, None
+                if top is not None:  # the row alone, as the draw: its numbers are its own
+                    entry = token_logprob(F.log_softmax(logits[row, -1].float(), dim=-1), token, top)
                 self._take(sample, token, entry)
 
     def _take(self, sample: _Sample, token: int, entry: TokenLogprob | None = None) -> None:
@@ -462,6 +556,8 @@ class Engine:
         sampling = sample.job.sampling
         sample.tokens += 1
         sample.last = token
+        if sample.speculation is not None:
+            sample.sequence.append(token)
         if entry is not None:
             sample.logprobs.append(entry)
         if sample.counts is not None:

@@ -30,7 +30,8 @@ from gptforge.options import option
 from gptforge.serve.app import create_app
 from gptforge.serve.engine import Engine
 from gptforge.serve.guards import GuardedH11Protocol
-from gptforge.source import SourceOptions
+from gptforge.source import DraftOptions
+from gptforge.speculative import DRAFT_TOKENS
 
 # a request, headers and body, must arrive within this many seconds: ample for a 1 MiB body over a slow
 # link (35 kB/s), short enough that a client that stalls half-way (slowloris) does not hold its socket long
@@ -39,7 +40,7 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open: uvicorn's de
 
 
 @dataclass
-class ServeOptions(SourceOptions):
+class ServeOptions(DraftOptions):
     host: str = option("127.0.0.1", "the address to listen on; 0.0.0.0: every interface")
     port: int = option(8000, "the port to listen on (0: any free one)")
     max_batch: int = option(16, "samples decoded together in one forward (KV cache slots)")
@@ -151,8 +152,11 @@ def serve(opts: ServeOptions) -> None:
         torch.set_num_threads(opts.threads)
     device, dtype = opts.placement()  # first: a device this machine lacks fails before the model loads
     source = opts.load()
-    model = decoding_model(source.model, device, dtype)
-    engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant)
+    model = decoding_model(source.model, device, dtype, opts.quantize)
+    draft, draft_tokens = opts.load_draft(source), opts.draft_tokens or DRAFT_TOKENS
+    engine = Engine(model, source.tokenizer, opts.max_batch, opts.max_queue, opts.batch_invariant,
+                    None if draft is None else decoding_model(draft.model, device, dtype, opts.quantize),
+                    draft_tokens)
     model_id = model_name(opts.init_from, opts.out_dir)
     app = create_app(engine, model_id, opts, source.chat_template)
     config = uvicorn_config(app, opts.host, opts.port, opts.request_timeout,
@@ -163,6 +167,8 @@ def serve(opts: ServeOptions) -> None:
         raise GptforgeError(f"cannot listen on {opts.host}:{opts.port}") from None
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     # the dtype as torch names it, "torch.float32", as the banner always said
-    print(f"gptforge serve: {model_id} on {device} ({getattr(torch, dtype)}), {opts.max_batch} slots: "
-          f"http://{host}:{sock.getsockname()[1]}/", flush=True)
+    drafting = "" if draft is None else f", draft {draft.name} ({draft_tokens} tokens)"
+    weights = "" if opts.quantize == "none" else f", {opts.quantize} weights"
+    print(f"gptforge serve: {model_id} on {device} ({getattr(torch, dtype)}{weights}), {opts.max_batch} slots"
+          f"{drafting}: http://{host}:{sock.getsockname()[1]}/", flush=True)
     Server(config, app).run(sockets=[sock])
