@@ -202,7 +202,8 @@ def test_logit_softcap_bounds_the_logits_in_training_and_generation():
     assert logits.abs().max() <= 2.0 and last.abs().max() <= 2.0
     torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0))
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), idx.view(-1)))
-    torch.testing.assert_close(last[:, 0], logits[:, -1])
+    # the head on one row rounds unlike the head on all 16 (another kernel), and the 200x weights magnify it
+    torch.testing.assert_close(last[:, 0], logits[:, -1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])

@@ -26,6 +26,7 @@ from gptforge.data import Meta
 from gptforge.device import resolve_compile, resolve_device, resolve_dtype
 from gptforge.distributed import Dist
 from gptforge.errors import GptforgeError
+from gptforge.flops import PEAK_UNKNOWN
 from gptforge.options import option
 from gptforge.tokenizer import GPT2Tokenizer
 from gptforge.train import Trainer
@@ -63,6 +64,7 @@ class BenchResult:
     tokens_per_sec: float
     mfu: float | None
     losses: list[float]
+    planned_bytes: int  # the memory plan's estimate for the step (memory.py)
     trace: Path | None = None
 
 
@@ -99,6 +101,7 @@ def bench(opts: BenchOptions) -> BenchResult:
         print(f"model: {trainer.raw.get_num_params() / 1e6:.2f}M parameters, "
               f"{trainer.tokens_per_iter:,} tokens per step, {data}, device {cfg.device}, {cfg.dtype}, "
               f"compile {cfg.compile}")
+        print(trainer.memory.describe())
         try:
             return _run(trainer, opts)
         finally:
@@ -123,11 +126,12 @@ def _run(trainer: Trainer, opts: BenchOptions) -> BenchResult:
             print(f"step {len(times)}/{opts.steps}: loss {loss:.4f}, {dt * 1000:.2f}ms")
     mean = sum(times) / len(times)
     mfu = trainer.raw.estimate_mfu(trainer.cfg.batch_size * trainer.accum, mean,
-                                   dtype=trainer.compute_dtype())
+                                   dtype=trainer.compute_dtype(), peak_flops=trainer.peak_flops)
     result = BenchResult(ms_per_iter=mean * 1000, median_ms=statistics.median(times) * 1000,
                          tokens_per_sec=trainer.tokens_per_iter / mean, mfu=mfu, losses=losses,
+                         planned_bytes=trainer.memory.total,
                          trace=_newest_trace(opts) if opts.profile else None)
-    mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "unknown (no peak FLOPS for this device)"
+    mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else f"unknown ({PEAK_UNKNOWN})"
     print(f"time per iteration: {result.ms_per_iter:.2f}ms (median {result.median_ms:.2f}ms), "
           f"{result.tokens_per_sec:,.0f} tokens/s, MFU {mfu_text}")
     if result.trace is not None:

@@ -47,6 +47,12 @@ class TrainConfig:
     # data
     dataset: str = option("openwebtext", "the prepared dataset: DATA_DIR/DATASET")
     data_dir: str = option("data", "gptforge: where prepared datasets live")
+    data_mix: str = option(
+        "", "gptforge: NAME:WEIGHT,... a weighted mixture of datasets (or paths), in place of --dataset"
+    )
+    align_rows: typing.Literal["none", "bos"] = option(
+        "none", "gptforge: bos: every row starts at the end-of-text token that opens a document"
+    )
     gradient_accumulation_steps: int = option(
         5 * 8, "micro-steps per optimizer step, over all processes together"
     )
@@ -78,6 +84,12 @@ class TrainConfig:
     )
     compile: bool | None = option(None, "torch.compile the model (None: on CUDA only; slower on a CPU)")
     compile_mode: CompileMode = option("default", "torch.compile's mode")
+    activation_checkpointing: bool = option(
+        False, "gptforge: recompute each block's activations in backward: less memory, ~1/3 more compute"
+    )
+    peak_tflops: float | None = option(
+        None, "gptforge: the device's peak TFLOPS for MFU (None: looked up by GPU name, measured on a CPU)"
+    )
     # gptforge
     seed: int = option(1337, "gptforge: seeds the initial weights, the batches and dropout")
     keep_last: int = option(0, "gptforge: older checkpoints kept besides the latest and the best")
@@ -163,6 +175,8 @@ def read_toml(path: Path, valid: typing.Collection[str] | None = None) -> dict[s
         raise GptforgeError(f"{path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "data_mix" and isinstance(value, dict):  # [data_mix] fineweb = 0.7: the option's value
+            value = ",".join(f"{name}:{weight}" for name, weight in value.items())
         table, items = (key, value) if isinstance(value, dict) else ("", {key: value})
         for name, item in items.items():
             in_table = f" (in table [{table}])" if table else ""

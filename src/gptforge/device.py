@@ -61,6 +61,20 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def describe_choices(asked: tuple[str, str, bool | None], device: str, dtype: str, compile: bool) -> str:
+    """One line saying what a run runs on and in, and why where "auto" chose: `asked` is the (device, dtype,
+    compile) options as given, the rest their resolutions."""
+    asked_device, asked_dtype, asked_compile = asked
+    why_dtype = {"bfloat16": "this GPU has bf16", "float16": "no bf16 on this GPU: fp16 with a GradScaler",
+                 "float32": f"fp32 on {device_type(device)}"}[dtype]
+    parts = [
+        f"device {device}" + (" (auto: cuda, else mps, else cpu)" if asked_device == "auto" else ""),
+        f"dtype {dtype}" + (f" (auto: {why_dtype})" if asked_dtype == "auto" else ""),
+        f"compile {'on' if compile else 'off'}" + (" (auto: CUDA only)" if asked_compile is None else ""),
+    ]
+    return ", ".join(parts)
+
+
 def check_dtype(dtype: str) -> None:
     """A dtype option's value must be auto or one of DTYPES."""
     if dtype not in DTYPE_CHOICES:

@@ -36,10 +36,15 @@ def explain(e: BaseException, memory_knobs: str) -> str | None:
     text = str(e)
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("out of memory" in text.lower()
                                                                       or "can't allocate memory" in text)):
-        asked = next((m.group(1) for m in map(lambda p: re.search(p, text), _ASKED) if m), None)
-        if asked and asked.isdigit():
-            asked = f"{int(asked) / 2**30:.2f} GiB"
+        asked = asked_memory(e)
         where = "GPU" if "CUDA" in text or "MPS" in text else "main"
         size = f" (it asked for {asked} more)" if asked else ""
         return f"out of {where} memory{size}; make it smaller: {memory_knobs}"
     return None
+
+
+def asked_memory(e: BaseException) -> str | None:
+    """How much more an out-of-memory error says was asked for ("2.00 GiB"), if it says."""
+    text = str(e)
+    asked = next((m.group(1) for m in map(lambda p: re.search(p, text), _ASKED) if m), None)
+    return f"{int(asked) / 2**30:.2f} GiB" if asked and asked.isdigit() else asked

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
@@ -178,10 +179,10 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, rope: Rope | None = None, kv_cache: "Cache | None" = None
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # q, k, v as views of the one projection, each (B, nh, T, hs): three ops, not seven (decoding runs
+        # this per layer and token)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.qk_norm:
             # unit-RMS queries and keys bound the attention logits, which keeps high learning rates stable
             q = F.rms_norm(q, (q.size(-1),), eps=NORM_EPS)
@@ -256,6 +257,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # training's memory option, not part of the architecture
         # Positions: GPT-2 learns an embedding per position; rotary attention needs none, so rope has no wpe.
         # Built in GPT-2's order (wte, wpe, blocks) so that a seed gives the same initial weights as before.
         wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -346,7 +348,11 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(past + torch.arange(T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; backward recomputes its activations (dropout masks included)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -45,7 +45,10 @@ from gptforge.checkpoint import (
 )
 from gptforge.config import TrainConfig, load_train_config
 from gptforge.data import TokenData
+from gptforge.data.files import locate
+from gptforge.data.mixture import Mixture
 from gptforge.device import (
+    describe_choices,
     device_type,
     enable_tf32,
     keep_freed_memory,
@@ -54,7 +57,9 @@ from gptforge.device import (
     resolve_dtype,
     torch_dtype,
 )
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, asked_memory
+from gptforge.flops import PEAK_UNKNOWN, peak_flops_per_sec
+from gptforge.memory import oom_message, plan_memory
 from gptforge.metrics import MetricsLog
 from gptforge.model import GPT, MODEL_KEYS, GPTConfig
 from gptforge.optim import build_optimizer, cosine_lr, wsd_lr
@@ -109,8 +114,11 @@ def train(cfg: TrainConfig) -> Progress:
     device = resolve_device(cfg.device)
     d = distrib.setup(device, cfg.backend)
     try:
+        asked = (cfg.device, cfg.dtype, cfg.compile)
         cfg = dataclasses.replace(cfg, device=d.device, dtype=resolve_dtype(cfg.dtype, d.device),
                                   compile=resolve_compile(cfg.compile, d.device))
+        if d.is_main:
+            print(describe_choices(asked, cfg.device, cfg.dtype, cfg.compile))
         return Trainer(cfg, d).run()
     finally:
         distrib.teardown()
@@ -123,7 +131,8 @@ class Trainer:
         self, cfg: TrainConfig, d: distrib.Dist, data: TrainingData | None = None, model: GPT | None = None,
         extra: dict[str, Any] | None = None,
     ):
-        """`data` defaults to the prepared dataset DATA_DIR/DATASET and `model` to what `init_from` names;
+        """`data` defaults to the prepared dataset DATA_DIR/DATASET (or the mixture DATA_MIX) and `model` to
+        what `init_from` names;
         `extra` goes into every checkpoint (what a finetuning run must remember, such as its base)."""
         if cfg.gradient_accumulation_steps % d.world_size:
             raise GptforgeError(
@@ -147,7 +156,7 @@ class Trainer:
 
         if d.is_main:
             check_writable(self.out_dir, "--out_dir")
-        self.data = data or TokenData(Path(cfg.data_dir) / cfg.dataset, cfg.block_size)
+        self.data = data or self._token_data()
         self.extra = extra or {}
         global_rows = cfg.batch_size * cfg.gradient_accumulation_steps
         self.batches = self.data.batches("train", cfg.block_size, global_rows, seed=cfg.seed, rank=d.rank,
@@ -164,6 +173,7 @@ class Trainer:
         # a run that trains part of its model (LoRA adapters) checkpoints only that part
         self.trained = {name for name, p in self.raw.named_parameters() if p.requires_grad}
         self.partial = len(self.trained) < len(dict(self.raw.named_parameters()))
+        self.raw.activation_checkpointing = cfg.activation_checkpointing
         self.wrapped = distrib.wrap_model(self.raw, d, cfg.parallelism)
         self.optimizer = build_optimizer(
             self.raw, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -171,6 +181,9 @@ class Trainer:
             head_lr=cfg.head_lr,
         )
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
+        self.memory = plan_memory(self.raw, self.optimizer, cfg.batch_size, cfg.block_size,
+                                  self.compute_dtype(), cfg.activation_checkpointing)
+        self.peak_flops = peak_flops_per_sec(torch.device(cfg.device), self.compute_dtype(), cfg.peak_tflops)
         self.progress = Progress()
         if ckpt is not None:
             self._restore(ckpt)
@@ -178,6 +191,13 @@ class Trainer:
                                  else self.wrapped)
 
     # -- set-up --
+
+    def _token_data(self) -> TrainingData:
+        cfg = self.cfg
+        if cfg.data_mix:
+            return Mixture(cfg.data_mix, cfg.data_dir, cfg.block_size, cfg.align_rows)
+        directory, meta = locate(cfg.data_dir, cfg.dataset)
+        return TokenData(directory, cfg.block_size, meta=meta, align_rows=cfg.align_rows)
 
     def _seed_everything(self) -> None:
         """Per-rank seeds, so dropout differs across processes while each run repeats exactly."""
@@ -274,6 +294,9 @@ class Trainer:
                   "accumulation steps)")
             print(f"model: {self.raw.get_num_params() / 1e6:.2f}M parameters, device {cfg.device}, "
                   f"{cfg.dtype}, {d.world_size} process(es), {cfg.parallelism if d.enabled else 'single'}")
+            print(self.memory.describe())
+            if self.peak_flops is None:
+                print(f"mfu: {PEAK_UNKNOWN} (device {cfg.device})")
         log = (MetricsLog(self.out_dir, resume_iter=p.iter_num if cfg.init_from == "resume" else None)
                if d.is_main else None)
         wandb = self._wandb() if cfg.wandb_log and d.is_main else None
@@ -325,10 +348,16 @@ class Trainer:
                         )
                     if it >= 5:  # let the first iterations (compilation) pass
                         mfu = self.raw.estimate_mfu(cfg.batch_size * self.accum, dt,
-                                                    dtype=self.compute_dtype())
+                                                    dtype=self.compute_dtype(), peak_flops=self.peak_flops)
                         if mfu is not None:
                             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                     self._log_step(log, bar, it, loss_value, lr, dt, running_mfu)
+        except torch.OutOfMemoryError as e:
+            if self.device_type != "cuda":
+                raise
+            available = torch.cuda.get_device_properties(cfg.device).total_memory
+            raise GptforgeError(oom_message(self.memory, available, cfg.gradient_accumulation_steps,
+                                            d.world_size, asked_memory(e))) from None
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -377,12 +406,16 @@ class Trainer:
     @torch.no_grad()
     def _estimate_loss(self) -> dict[str, float]:
         """Mean loss over `eval_iters` batches of `batch_size` rows per split: the same batches at every eval
-        and whatever the number of processes, which share them out (batch k goes to rank k % world_size)."""
+        and whatever the number of processes, which share them out (batch k goes to rank k % world_size).
+        A mixture's sources are also evaluated one by one on their val splits ("val/NAME")."""
         cfg, d = self.cfg, self.d
         self.model.eval()
         out = {}
-        for split, seed in (("train", cfg.seed + 1), ("val", cfg.seed)):
-            batches = self.data.batches(split, cfg.block_size, cfg.batch_size, seed=seed, device=cfg.device)
+        evals = [("train", "train", self.data, cfg.seed + 1), ("val", "val", self.data, cfg.seed)]
+        evals += [(f"val/{name}", "val", source, cfg.seed)
+                  for name, source in getattr(self.data, "sources", {}).items()]
+        for key, split, data, seed in evals:
+            batches = data.batches(split, cfg.block_size, cfg.batch_size, seed=seed, device=cfg.device)
             total = torch.zeros(2, device=cfg.device)  # sum of batch losses, number of batches
             for k in range(d.rank, cfg.eval_iters, d.world_size):
                 x, y = batches.get(k)
@@ -390,7 +423,7 @@ class Trainer:
                     _, loss = self.model(x, y)
                 total += torch.stack([loss.float(), torch.ones((), device=cfg.device)])
             loss_sum, count = distrib.all_reduce_sum(total, d).tolist()
-            out[split] = loss_sum / count
+            out[key] = loss_sum / count
         self.model.train()
         return out
 
@@ -398,13 +431,16 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         losses = self._estimate_loss()
         if self.d.is_main:
-            tqdm.write(f"step {p.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            sources = {k.removeprefix("val/"): v for k, v in losses.items() if k.startswith("val/")}
+            each = f" ({', '.join(f'{name} {v:.4f}' for name, v in sources.items())})" if sources else ""
+            tqdm.write(f"step {p.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                       f"{each}")
             if log is not None:
                 log.write({"iter": p.iter_num, "elapsed_s": p.elapsed_s, "train_loss": losses["train"],
-                           "val_loss": losses["val"]})
+                           "val_loss": losses["val"], **{f"val_loss/{n}": v for n, v in sources.items()}})
             if wandb is not None:
                 wandb.log({"iter": p.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                           "lr": lr, "mfu": mfu * 100})
+                           **{f"val/loss/{n}": v for n, v in sources.items()}, "lr": lr, "mfu": mfu * 100})
         if not all(math.isfinite(v) for v in losses.values()):
             raise GptforgeError(
                 f"the eval loss became non-finite at iter {p.iter_num}; stopped without saving, the last "
