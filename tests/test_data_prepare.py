@@ -366,6 +366,14 @@ def test_prepare_streams_in_constant_memory(tmp_path, monkeypatch):
     assert max(lag) <= 16 * 4096  # a few batches in flight, out of 2 MB of text
 
 
+def test_prepare_and_its_workers_never_import_torch():
+    """The workers are forked from a process that imported prepare.py alone: without torch (~1.5 CPU s and
+    ~180 MB each), and so is `gptforge prepare` itself."""
+    check = ("import sys; from gptforge.cli import main; import gptforge.data.prepare; "
+             "main(['prepare', '--help']); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
+
+
 # ---- bad input: one line, exit status 2, nothing written
 
 

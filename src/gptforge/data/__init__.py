@@ -13,11 +13,18 @@ Data flows one way, corpus → prepare → files → batches, and no module reac
 corpus.py and files.py (the format it writes), batches.py uses files.py, mixture.py both, and corpus.py,
 files.py and eval_sets.py use no other module of the package. This file re-exports what readers of prepared
 data need (files and batches) and imports neither corpus.py nor prepare.py, so reading prepared data never
-loads the writing side.
+loads the writing side. Both load on first use (PEP 562), so the writing side, which needs no torch, runs
+without importing it.
 """
 
-from gptforge.data.batches import Batches, BatchSampler, TokenData, shuffle_index
-from gptforge.data.files import META_FILE, SPLITS, Meta, TokenDataset, token_dtype
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gptforge.data.batches import Batches, BatchSampler, TokenData, shuffle_index
+    from gptforge.data.files import META_FILE, SPLITS, Meta, TokenDataset, token_dtype
+
+_HOMES = {"batches": ("Batches", "BatchSampler", "TokenData", "shuffle_index"),
+          "files": ("META_FILE", "SPLITS", "Meta", "TokenDataset", "token_dtype")}
 
 __all__ = [
     "META_FILE",
@@ -30,3 +37,12 @@ __all__ = [
     "shuffle_index",
     "token_dtype",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    for module, names in _HOMES.items():
+        if name in names:
+            return getattr(importlib.import_module(f"gptforge.data.{module}"), name)
+    raise AttributeError(f"module 'gptforge.data' has no attribute {name!r}")
